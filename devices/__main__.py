@@ -1,0 +1,5 @@
+import sys
+
+from devices.worker import main
+
+sys.exit(main())

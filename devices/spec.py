@@ -1,0 +1,104 @@
+"""Device specs: the figures of an emulated card, with named presets.
+
+Every figure names its public source. Rates are peak (dense) figures; the
+achievable share is given by the efficiency factors, which the cost model
+applies.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+GiB = 1 << 30
+TERA = 10**12
+GIGA = 10**9
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceSpec:
+    name: str
+    peak_ops: dict[str, float]  # dtype -> peak operations per second (FLOP/s or OP/s)
+    memory_bytes: int  # device DRAM capacity, enforced on every allocation
+    memory_bw: float  # device DRAM bandwidth, bytes/s
+    sram_bytes: int  # on-chip memory
+    tdp_watts: float
+    compute_efficiency: float = 0.7  # share of peak_ops a large matmul reaches
+    memory_efficiency: float = 0.8  # share of memory_bw a streaming read reaches
+    op_overhead_ns: int = 2_000  # fixed cost to launch one op
+    host_link: str = "pcie-gen5-x16"
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.memory_bytes <= 0:
+            raise ValueError(f"{self.name}: memory_bytes must be positive")
+        if self.memory_bw <= 0:
+            raise ValueError(f"{self.name}: memory_bw must be positive")
+        if not self.peak_ops or any(v <= 0 for v in self.peak_ops.values()):
+            raise ValueError(f"{self.name}: peak_ops needs positive rates")
+        for f in ("compute_efficiency", "memory_efficiency"):
+            v = getattr(self, f)
+            if not 0 < v <= 1:
+                raise ValueError(f"{self.name}: {f}={v} must be in (0, 1]")
+        if self.op_overhead_ns < 0:
+            raise ValueError(f"{self.name}: op_overhead_ns must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, DeviceSpec] = {
+    # Rebellions ATOM+ (RBLN-CA12) product brief, rebellions.ai/atom:
+    # 32 TFLOPS FP16 / 128 TOPS INT8, 16 GB GDDR6 at 256 GB/s, 64 MB on-chip
+    # SRAM, 75 W TDP (single-slot, passive), PCIe Gen5 x16.
+    "atom-plus": DeviceSpec(
+        name="atom-plus",
+        peak_ops={
+            "float16": 32 * TERA,
+            "bfloat16": 32 * TERA,
+            "float32": 8 * TERA,  # assumed 1/4 of FP16: no FP32 figure is published
+            "int8": 128 * TERA,
+        },
+        memory_bytes=16 * GiB,  # 16 GB GDDR6, treated as 16 GiB as DESIGN.md does
+        memory_bw=256 * GIGA,
+        sram_bytes=64 * (1 << 20),
+        tdp_watts=75.0,
+        source="Rebellions ATOM+ RBLN-CA12 product brief",
+    ),
+    # SambaNova SN40L, Prabhakar et al., "SambaNova SN40L: Scaling the AI
+    # Memory Wall with Dataflow and Composition of Experts" (MICRO 2024):
+    # 638 TFLOPS BF16, 520 MB SRAM, 64 GB HBM (~1.6 TB/s), 1.5 TB DDR (~100 GB/s).
+    "sn40l": DeviceSpec(
+        name="sn40l",
+        peak_ops={"bfloat16": 638 * TERA, "float16": 638 * TERA, "float32": 638 * TERA / 4},
+        memory_bytes=64 * GiB,
+        memory_bw=1.6e12,
+        sram_bytes=520 * (1 << 20),
+        tdp_watts=600.0,  # assumed socket power: SambaNova publishes only per-node figures
+        source="SambaNova SN40L, MICRO 2024 paper",
+        extra={"ddr_bytes": 1536 * GiB, "ddr_bw": 100 * GIGA},
+    ),
+    # NVIDIA H100 SXM5 datasheet: 989 TFLOPS dense BF16/FP16 (1979 with
+    # sparsity), 1979 TOPS dense INT8, 80 GB HBM3 at 3.35 TB/s, 50 MB L2, 700 W.
+    "gpu-h100": DeviceSpec(
+        name="gpu-h100",
+        peak_ops={
+            "bfloat16": 989 * TERA,
+            "float16": 989 * TERA,
+            "float32": 67 * TERA,  # non-tensor-core FP32, same datasheet
+            "int8": 1979 * TERA,
+        },
+        memory_bytes=80 * GiB,
+        memory_bw=3.35e12,
+        sram_bytes=50 * (1 << 20),
+        tdp_watts=700.0,
+        op_overhead_ns=4_000,  # CUDA kernel launch, a few us (NVIDIA CUDA best-practices guide)
+        source="NVIDIA H100 Tensor Core GPU datasheet (SXM5)",
+    ),
+}
+
+
+def get_spec(name: str) -> DeviceSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown device preset {name!r}; known presets: {', '.join(PRESETS)}") from None

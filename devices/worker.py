@@ -1,0 +1,233 @@
+"""The card process: its stores, its control channel to the host, its loop.
+
+Started by the host as ``python -m devices --run RUN --card I --control ADDR``
+(a fresh interpreter: spawned, never forked). The run's secret arrives in the
+environment, not on the command line where ``ps`` would show it.
+
+Two threads, each with its own socket (ZeroMQ sockets are not thread-safe):
+the main thread serves commands; a heartbeat thread tells the host the card
+is alive, even during a long command, and ends the card if the host is gone.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import zmq
+
+from devices.arena import WeightArena
+from devices.kv_cache import KVCacheStore, KVLayout
+from devices.memory import DeviceMemory
+from devices.shm import remove_run
+from devices.spec import DeviceSpec, get_spec
+from interconnect import wire
+
+log = logging.getLogger("rsd.card")
+SECRET_ENV = "RSD_RUN_SECRET"
+HOST_PID_ENV = "RSD_HOST_PID"
+
+
+class Card:
+    def __init__(self, args, spec: DeviceSpec):
+        self.card = args.card
+        self.run_name = args.run
+        self.spec = spec
+        self.phantom = args.phantom
+        self.state = "starting"
+        self.clock_ns = 0  # emulated clock, integer nanoseconds
+        self.memory = DeviceMemory(self.card, spec.memory_bytes)
+        self.arena = WeightArena(self.run_name, self.card, self.memory, attach=args.attach, backed=not self.phantom)
+        self.kv: KVCacheStore | None = None
+        if args.attach and self.arena.meta.get("kv"):
+            self.kv = KVCacheStore(self.run_name, self.card, self.memory, KVLayout(**self.arena.meta["kv"]),
+                                   attach=True, backed=not self.phantom)
+        self.stopping = threading.Event()
+        self.handlers = {
+            "status": self.op_status,
+            "put": self.op_put,
+            "get": self.op_get,
+            "free": self.op_free,
+            "list": self.op_list,
+            "kv_init": self.op_kv_init,
+            "ping": self.op_ping,
+            "shutdown": self.op_shutdown,
+            "debug_exit": self.op_debug_exit,
+            "debug_sleep": self.op_debug_sleep,
+        }
+
+    # -- ops: each takes (header, frames) and returns (reply fields, frames) --
+    def op_status(self, h, frames):
+        return {
+            "card": self.card,
+            "pid": os.getpid(),
+            "state": self.state,
+            "memory_used": self.memory.used,
+            "memory_capacity": self.memory.capacity,
+            "host_rss": psutil.Process().memory_info().rss,
+            "clock_ns": self.clock_ns,
+            "num_tensors": len(self.arena.entries),
+            "kv_blocks": self.kv.layout.num_blocks if self.kv else 0,
+            "device": self.spec.name,
+            "phantom": self.phantom,
+        }, []
+
+    def op_put(self, h, frames):
+        name, dtype, shape = h["name"], wire.check_dtype(h["dtype"]), h["shape"]
+        if len(frames) != 1:
+            raise wire.WireError(f"put of {name!r} needs exactly one payload frame, got {len(frames)}")
+        self.arena.allocate(name, dtype, shape)
+        if not self.phantom:
+            try:
+                self.arena.write(name, frames[0].buffer)
+            except Exception:
+                self.arena.free(name)
+                raise
+        return self.arena.describe(name), []
+
+    def op_get(self, h, frames):
+        desc = self.arena.describe(h["name"])
+        return desc, ([] if self.phantom else [self.arena.view(h["name"])])
+
+    def op_free(self, h, frames):
+        self.arena.free(h["name"])
+        return {}, []
+
+    def op_list(self, h, frames):
+        return {"tensors": [self.arena.describe(n) for n in self.arena.entries]}, []
+
+    def op_kv_init(self, h, frames):
+        layout = KVLayout(**h["layout"])
+        if self.kv is not None:
+            self.kv.release(unlink=True)
+            self.kv = None
+        self.kv = KVCacheStore(self.run_name, self.card, self.memory, layout, backed=not self.phantom)
+        self.arena.set_meta("kv", layout.to_dict())
+        return {"nbytes": layout.nbytes, "segment": self.kv.segment.name if self.kv.segment else None}, []
+
+    def op_ping(self, h, frames):
+        return {"t": h.get("t")}, list(frames)
+
+    def op_shutdown(self, h, frames):
+        self.stopping.set()
+        return {}, []
+
+    def op_debug_exit(self, h, frames):
+        os._exit(int(h.get("code", 1)))
+
+    def op_debug_sleep(self, h, frames):
+        time.sleep(float(h.get("seconds", 1.0)))
+        return {}, []
+
+    # -- loop -------------------------------------------------------------------
+    def serve(self, ctx: zmq.Context, control: str, secret: str, heartbeat_s: float) -> None:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"card{self.card}".encode())
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(control)
+        hb = threading.Thread(target=self._heartbeat, args=(ctx, control, secret, heartbeat_s), daemon=True)
+        hb.start()
+        sock.send(wire.pack({"op": "hello", "card": self.card, "pid": os.getpid(), "secret": secret,
+                             "attached": bool(self.arena.entries), "num_tensors": len(self.arena.entries)}))
+        self.state = "idle"
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self.stopping.is_set():
+            if not poller.poll(100):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            self._dispatch(sock, frames)
+        sock.close()
+
+    def _dispatch(self, sock, frames) -> None:
+        try:
+            header = wire.unpack(frames[0].buffer)
+        except wire.WireError as exc:
+            log.warning("card %d: dropped a malformed message: %s", self.card, exc)
+            return
+        req_id = header.get("id")
+        handler = self.handlers.get(header["op"])
+        busy = header["op"] not in ("status", "ping")
+        if busy:
+            self.state = "busy"
+        try:
+            if handler is None:
+                raise wire.WireError(f"unknown op {header['op']!r}")
+            result, out = handler(header, frames[1:])
+            reply = {"op": "reply", "id": req_id, "ok": True, **result}
+        except Exception as exc:  # any failure of one command is reported, never fatal
+            log.info("card %d: %s failed: %s", self.card, header["op"], exc)
+            reply, out = {"op": "reply", "id": req_id, "ok": False, "error": str(exc),
+                          "kind": type(exc).__name__}, []
+        if busy:
+            self.state = "idle"
+        sock.send_multipart([wire.pack(reply), *out], copy=False)
+
+    def _heartbeat(self, ctx, control, secret, interval) -> None:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"card{self.card}.hb".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(control)
+        parent = host_pid()
+        while not self.stopping.wait(interval):
+            if os.getppid() != parent:
+                log.error("card %d: host (pid %d) is gone; removing the run's segments and exiting", self.card, parent)
+                remove_run(self.run_name)
+                os._exit(3)
+            sock.send(wire.pack({"op": "heartbeat", "card": self.card, "secret": secret,
+                                 "state": self.state, "clock_ns": self.clock_ns}))
+        sock.close()
+
+
+def host_pid() -> int:
+    return int(os.environ.get(HOST_PID_ENV, os.getppid()))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this card when the host process dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the heartbeat thread's parent check still applies
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m devices", description="One emulated card (started by the host).")
+    p.add_argument("--run", required=True)
+    p.add_argument("--card", type=int, required=True)
+    p.add_argument("--control", required=True, help="ZeroMQ address of the host's control socket")
+    p.add_argument("--spec", default="atom-plus", help="preset name or a JSON DeviceSpec")
+    p.add_argument("--attach", action="store_true", help="re-attach to the card's existing segments")
+    p.add_argument("--phantom", action="store_true", help="keep no real bytes, only account for them")
+    p.add_argument("--heartbeat", type=float, default=0.25, help="seconds between heartbeats")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=os.environ.get("RSD_CARD_LOG", "WARNING"), stream=sys.stderr,
+                        format=f"%(asctime)s card{args.card} %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the host, which shuts the cards down
+    spec = get_spec(args.spec) if not args.spec.startswith("{") else DeviceSpec(**json.loads(args.spec))
+    secret = os.environ.pop(SECRET_ENV, "")
+    card = Card(args, spec)
+    signal.signal(signal.SIGTERM, lambda *_: card.stopping.set())
+    parent = host_pid()
+    ctx = zmq.Context()
+    try:
+        card.serve(ctx, args.control, secret, args.heartbeat)
+    finally:
+        card.arena.close()
+        ctx.destroy(linger=0)
+        if os.getppid() != parent:  # the host died (PR_SET_PDEATHSIG): nobody else will clean up
+            remove_run(args.run)
+    return 0

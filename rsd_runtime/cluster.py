@@ -1,0 +1,272 @@
+"""Cluster: N emulated cards as processes, their lifecycle, and a small API.
+
+    with Cluster(num_devices=4, device="atom-plus") as cluster:
+        cluster.put(0, "w", torch.ones(4, 4))
+        cluster.get(0, "w")            # read back through card 0
+        cluster.status()               # one dict per card
+
+Every segment of a run carries the run's name; the run's end removes them all,
+also after a card was killed, and a new launch sweeps runs whose host is gone.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import zmq
+
+from devices import shm
+from devices.kv_cache import KVLayout
+from devices.memory import fmt_bytes
+from devices.spec import DeviceSpec, get_spec
+from interconnect import wire
+from rsd_runtime.control import ControlPlane
+from rsd_runtime.errors import CardDied, ClusterError
+from rsd_runtime.supervisor import CardProcess, describe_exit, spawn_card
+
+log = logging.getLogger("rsd.host")
+
+# Host memory an idle card costs (interpreter, numpy, pyzmq, its mappings):
+# measured with bench/launch.py on this project's reference machine (~40 MB),
+# with margin. A card that computes with torch costs more; see bench/launch.py.
+CARD_HOST_BYTES = 64 << 20
+MAX_DEVICES = 1024
+
+
+class Cluster:
+    def __init__(self, num_devices: int = 1, device: str | DeviceSpec = "atom-plus", *, phantom: bool = False,
+                 shm_prefix: str = shm.DEFAULT_PREFIX, start_timeout: float = 60.0,
+                 heartbeat_timeout: float = 10.0, card_log_level: str | None = None):
+        if not isinstance(num_devices, int) or num_devices < 1:
+            raise ClusterError(f"num_devices must be a whole number >= 1, got {num_devices!r}")
+        if num_devices > MAX_DEVICES:
+            raise ClusterError(f"num_devices={num_devices} exceeds the limit of {MAX_DEVICES} cards per host")
+        self.spec = device if isinstance(device, DeviceSpec) else _spec_or_error(device)
+        need = num_devices * CARD_HOST_BYTES
+        avail = psutil.virtual_memory().available
+        if need > avail:
+            raise ClusterError(
+                f"{num_devices} cards need about {fmt_bytes(need)} of host memory "
+                f"({fmt_bytes(CARD_HOST_BYTES)} each); this machine has {fmt_bytes(avail)} available "
+                f"(at most {avail // CARD_HOST_BYTES} cards)")
+        self.num_devices = num_devices
+        self.phantom = phantom
+        self.shm_prefix = shm.check_prefix(shm_prefix)
+        self.start_timeout = start_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.card_log_level = card_log_level
+        self.run_name = ""
+        self.run_dir: Path | None = None
+        self.procs: dict[int, CardProcess] = {}
+        self._expected_exit: set[int] = set()
+        self._ctx: zmq.Context | None = None
+        self.control: ControlPlane | None = None
+        self._secret = secrets.token_hex(16)
+        self._prev_sigterm = None
+        self._closed = True
+        self.sweep_report: shm.SweepReport | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self, progress=None) -> "Cluster":
+        self.sweep_report = shm.sweep(self.shm_prefix)
+        for run, names in self.sweep_report.removed.items():
+            log.warning("swept %d stale segments of run %s (its host is gone)", len(names), run)
+        if self.sweep_report.foreign:
+            names = ", ".join(str(shm.SHM_DIR / n) for n in self.sweep_report.foreign[:5])
+            raise ClusterError(
+                f"{len(self.sweep_report.foreign)} segments carry the prefix {self.shm_prefix!r} but are not "
+                f"this user's rsd-runtime segments ({names}); remove them or choose another --shm-prefix")
+        self.run_name = shm.new_run_name(self.shm_prefix)
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.run_name}-"))  # mode 0700: only we enter
+        self._closed = False
+        atexit.register(self.shutdown)
+        self._install_sigterm()
+        try:
+            self._ctx = zmq.Context()
+            self.control = ControlPlane(self._ctx, f"ipc://{self.run_dir}/control", self._secret,
+                                        check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
+            for card in range(self.num_devices):
+                self.procs[card] = self._spawn(card, attach=False)
+            self._await_hello(range(self.num_devices), progress)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _spawn(self, card: int, *, attach: bool) -> CardProcess:
+        spec = self.spec.name if _is_preset(self.spec) else json.dumps(self.spec.to_dict())
+        return spawn_card(card, run=self.run_name, control=f"ipc://{self.run_dir}/control", secret=self._secret,
+                          spec=spec, run_dir=self.run_dir, attach=attach, phantom=self.phantom,
+                          log_level=self.card_log_level)
+
+    def _await_hello(self, cards, progress=None) -> None:
+        cards = list(cards)
+        deadline = time.monotonic() + self.start_timeout
+        done = 0
+        while True:
+            missing = self.control.wait_hello(cards, min(deadline, time.monotonic() + 0.2))
+            if progress is not None and len(cards) - len(missing) > done:
+                progress(len(cards) - len(missing) - done)
+                done = len(cards) - len(missing)
+            dead = [c for c in cards if c in self.control.dead]
+            if dead:
+                raise self.control.dead[dead[0]]
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"cards {sorted(missing)} did not report within {self.start_timeout:.0f} s")
+
+    def _check_cards(self) -> dict[int, CardDied]:
+        died = {}
+        for card, proc in list(self.procs.items()):
+            rc = proc.poll()
+            if rc is not None and card not in self._expected_exit:
+                how = describe_exit(rc)
+                tail = proc.log_tail()
+                died[card] = CardDied(card, proc.pid, how + (f"; its log ends:\n{tail}" if tail else ""))
+        return died
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every card, then remove the run's segments and directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._expected_exit.update(self.procs)
+        alive = [c for c, p in self.procs.items() if p.poll() is None]
+        if self.control is not None:
+            futs = [self.control.submit(c, "shutdown") for c in alive if c not in self.control.dead]
+            for f in futs:
+                try:
+                    f.result(timeout)
+                except Exception:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                proc.popen.terminate()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.popen.kill()
+                proc.popen.wait()
+        if self.control is not None:
+            self.control.close()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        shm.remove_run(self.run_name)
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._restore_sigterm()
+        atexit.unregister(self.shutdown)
+
+    def __enter__(self) -> "Cluster":
+        return self.start() if self._closed else self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum, frame):
+            raise SystemExit(128 + signum)  # unwinds through `with Cluster(...)`, which shuts down
+
+        self._prev_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _restore_sigterm(self) -> None:
+        if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._prev_sigterm)
+            self._prev_sigterm = None
+
+    # -- faults and restarts -----------------------------------------------------
+    def kill(self, card: int, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.procs[card].pid, sig)
+
+    def check(self) -> None:
+        """Raise the first card death the host has seen, if any."""
+        if self.control.dead:
+            raise next(iter(self.control.dead.values()))
+
+    def restart(self, card: int) -> dict:
+        """Start card ``card`` again; it re-attaches to its weight arena. Returns its hello."""
+        old = self.procs[card]
+        if old.poll() is None:
+            raise ClusterError(f"card {card} (pid {old.pid}) is still running; only a dead card restarts")
+        self.control.forget(card)
+        self.procs[card] = self._spawn(card, attach=True)
+        self._await_hello([card])
+        return self.control.hello[card]
+
+    # -- commands ------------------------------------------------------------------
+    def call(self, card: int, op: str, frames=(), timeout: float | None = None, **fields):
+        self._check_card(card)
+        return self.control.call(card, op, fields, frames, timeout)
+
+    def _check_card(self, card: int) -> None:
+        if self._closed:
+            raise ClusterError("the cluster is not running")
+        if not (isinstance(card, int) and 0 <= card < self.num_devices):
+            raise ClusterError(f"no card {card!r}: this cluster has cards 0..{self.num_devices - 1}")
+
+    def status(self) -> list[dict]:
+        """One dict per card: pid, state, memory_used, memory_capacity, host_rss, clock_ns, ..."""
+        if self._closed:
+            raise ClusterError("the cluster is not running")
+        rows = []
+        futs = {c: self.control.submit(c, "status") for c in range(self.num_devices)}
+        for card, fut in futs.items():
+            try:
+                header, _ = fut.result(10)
+                row = {k: v for k, v in header.items() if k not in ("op", "id", "ok")}
+            except CardDied as exc:
+                row = {"card": card, "pid": exc.pid, "state": "dead", "how": exc.how, "memory_used": None,
+                       "memory_capacity": self.spec.memory_bytes, "host_rss": None, "clock_ns": None}
+            rows.append(row)
+        return rows
+
+    def put(self, card: int, name: str, tensor) -> dict:
+        """Place ``tensor`` (numpy or torch) into card ``card``'s arena under ``name``."""
+        dtype, shape, payload = wire.to_wire(tensor)
+        header, _ = self.call(card, "put", [payload], name=name, dtype=dtype, shape=shape)
+        return header
+
+    def get(self, card: int, name: str, *, as_torch: bool | None = None):
+        """Read tensor ``name`` back through card ``card`` (a copy owned by the caller)."""
+        header, frames = self.call(card, "get", name=name)
+        buf = bytearray(frames[0].buffer) if frames else bytearray()
+        want_torch = as_torch if as_torch is not None else header["dtype"] == "bfloat16"
+        return wire.from_wire(buf, header["dtype"], header["shape"], as_torch=want_torch)
+
+    def free(self, card: int, name: str) -> None:
+        self.call(card, "free", name=name)
+
+    def tensors(self, card: int) -> list[dict]:
+        return self.call(card, "list")[0]["tensors"]
+
+    def kv_init(self, card: int, layout: KVLayout) -> dict:
+        return self.call(card, "kv_init", layout=layout.to_dict())[0]
+
+
+def _spec_or_error(name: str) -> DeviceSpec:
+    try:
+        return get_spec(name)
+    except ValueError as exc:
+        raise ClusterError(str(exc)) from None
+
+
+def _is_preset(spec: DeviceSpec) -> bool:
+    from devices.spec import PRESETS
+
+    return PRESETS.get(spec.name) == spec

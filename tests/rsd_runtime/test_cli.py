@@ -1,0 +1,69 @@
+"""rsd-launch as a user runs it: a real process, its output and exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devices.shm import SHM_DIR
+
+
+def rsd_launch(*args, prefix: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("rsd-launch", path=str(Path(sys.executable).parent)) or shutil.which("rsd-launch")
+    cmd = [exe] if exe else [sys.executable, "-m", "rsd_runtime.cli"]
+    return subprocess.run([*cmd, "--shm-prefix", prefix, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_status_prints_one_row_per_card(shm_prefix):
+    r = rsd_launch("--devices", "3", "status", prefix=shm_prefix)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "3 x atom-plus" in lines[0]
+    assert lines[1].split()[:3] == ["card", "pid", "state"]
+    rows = [ln.split() for ln in lines[3:]]
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    assert all(row[2] == "idle" and "16.00 GiB" in " ".join(row) for row in rows)
+
+
+def test_status_json(shm_prefix):
+    r = rsd_launch("--devices", "2", "--json", "status", prefix=shm_prefix)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["card"] for row in rows] == [0, 1]
+    assert all(row["memory_capacity"] == 16 << 30 and row["pid"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--devices", "0", "status"], "must be a whole number >= 1"),
+    (["--device", "atom-minus", "status"], "unknown device preset 'atom-minus'"),
+    (["--devices", "5000", "status"], "exceeds the limit"),
+    (["--devices", "900", "status"], "host memory"),
+])
+def test_bad_input_exits_nonzero_with_message(args, message, shm_prefix):
+    r = rsd_launch(*args, prefix=shm_prefix)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_foreign_segment_is_named_and_refused(shm_prefix):
+    foreign = SHM_DIR / f"{shm_prefix}_someone-elses"
+    foreign.write_bytes(b"x")
+    try:
+        for cmd in (["status"], ["sweep"]):
+            r = rsd_launch(*cmd, prefix=shm_prefix)
+            assert r.returncode == 2 and str(foreign) in r.stderr, r.stderr
+        assert foreign.exists()
+    finally:
+        os.unlink(foreign)
+
+
+def test_sweep_removes_stale_runs(shm_prefix):
+    stale = SHM_DIR / f"{shm_prefix}_4999999_deadbeef_c000_weights"
+    stale.write_bytes(b"x")
+    r = rsd_launch("sweep", prefix=shm_prefix)
+    assert r.returncode == 0 and "removed 1 segments of stale run" in r.stdout
+    assert not stale.exists()

@@ -1,0 +1,200 @@
+"""Cards as real processes with real shared memory: launch, data, capacity, faults."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from conftest import assert_no_leaks, run_leftovers, wait_until
+from devices.kv_cache import KVLayout
+from devices.shm import SHM_DIR, Segment, sweep
+from devices.spec import DeviceSpec, get_spec
+from rsd_runtime import CardDied, CardError, Cluster, ClusterError
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_launch_and_shutdown(n, shm_prefix):
+    with Cluster(num_devices=n, shm_prefix=shm_prefix) as cluster:
+        rows = cluster.status()
+        assert [r["card"] for r in rows] == list(range(n))
+        pids = [r["pid"] for r in rows]
+        assert len(set(pids)) == n and os.getpid() not in pids
+        for r in rows:
+            assert psutil.pid_exists(r["pid"])
+            assert r["state"] == "idle"
+            assert r["memory_used"] == 0
+            assert r["memory_capacity"] == get_spec("atom-plus").memory_bytes == 16 * 2**30
+            assert r["host_rss"] > 0 and r["clock_ns"] == 0
+        assert len(run_leftovers(shm_prefix)) == 2 * n  # weights + manifest per card
+    assert not any(_alive(p) for p in pids)
+
+
+def tiny_spec(mib: int) -> DeviceSpec:
+    return DeviceSpec(name="tiny", peak_ops={"float32": 1e12}, memory_bytes=mib << 20, memory_bw=1e11,
+                      sram_bytes=0, tdp_watts=10)
+
+
+def test_capacity_error_names_card_request_and_free(shm_prefix):
+    with Cluster(num_devices=2, device=tiny_spec(4), shm_prefix=shm_prefix) as cluster:
+        cluster.put(1, "a", np.zeros(3 << 20, np.uint8))
+        with pytest.raises(CardError) as err:
+            cluster.put(1, "b", np.zeros((2 << 20) // 4, np.float32))
+        msg = str(err.value)
+        assert "card 1" in msg and "'b'" in msg and "2.00 MiB" in msg
+        assert "1.00 MiB free of 4.00 MiB" in msg and "missing 1.00 MiB" in msg
+        assert cluster.status()[1]["memory_used"] == 3 << 20
+        cluster.put(0, "b", np.zeros((2 << 20) // 4, np.float32))  # card 0 still has room
+        with pytest.raises(CardError, match=r"card 0: .*KV cache of 64 blocks"):
+            cluster.kv_init(0, KVLayout(num_layers=2, num_blocks=64, block_size=16, num_kv_heads=4, head_dim=64))
+
+
+def test_kill9_is_detected_and_fails_pending_calls(shm_prefix):
+    with Cluster(num_devices=3, shm_prefix=shm_prefix) as cluster:
+        pending = cluster.control.submit(2, "debug_sleep", {"seconds": 30})
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        cluster.kill(2)
+        with pytest.raises(CardDied) as err:
+            pending.result(timeout=2.0)
+        assert time.monotonic() - t0 < 2.0
+        assert err.value.card == 2 and "card 2" in str(err.value)
+        assert "killed by signal 9 (SIGKILL)" in str(err.value)
+        with pytest.raises(CardDied, match="card 2"):
+            cluster.check()
+        with pytest.raises(CardDied, match="SIGKILL"):
+            cluster.get(2, "anything")
+        rows = cluster.status()
+        assert rows[2]["state"] == "dead" and rows[0]["state"] == "idle"
+    assert_no_leaks()
+
+
+def test_exit_code_is_reported(shm_prefix):
+    with Cluster(num_devices=1, shm_prefix=shm_prefix) as cluster:
+        with pytest.raises(CardDied, match="card 0 .*exited with code 7"):
+            cluster.call(0, "debug_exit", code=7, timeout=2.0)
+
+
+def test_restarted_card_reattaches_to_its_arena(shm_prefix):
+    w = torch.randn(128, 64).bfloat16()
+    with Cluster(num_devices=2, shm_prefix=shm_prefix) as cluster:
+        cluster.put(1, "layers.0.w", w)
+        cluster.put(1, "layers.0.b", np.arange(7, dtype=np.int64))
+        used = cluster.status()[1]["memory_used"]
+        old_pid = cluster.procs[1].pid
+        cluster.kill(1)
+        assert wait_until(lambda: 1 in cluster.control.dead, 2.0)
+        hello = cluster.restart(1)
+        assert hello["attached"] and hello["num_tensors"] == 2 and hello["pid"] != old_pid
+        row = cluster.status()[1]
+        assert row["state"] == "idle" and row["memory_used"] == used
+        assert torch.equal(cluster.get(1, "layers.0.w"), w)
+        np.testing.assert_array_equal(cluster.get(1, "layers.0.b"), np.arange(7))
+
+
+def test_bad_arguments_leave_nothing(shm_prefix):
+    with pytest.raises(ClusterError, match="unknown device preset 'atom-minus'; known presets: atom-plus"):
+        Cluster(num_devices=2, device="atom-minus", shm_prefix=shm_prefix)
+    for n in (0, -3):
+        with pytest.raises(ClusterError, match="must be a whole number >= 1"):
+            Cluster(num_devices=n, shm_prefix=shm_prefix)
+    with pytest.raises(ClusterError, match="host memory"):
+        Cluster(num_devices=1000, shm_prefix=shm_prefix)
+
+
+def test_stale_segments_are_swept_and_foreign_ones_refused(shm_prefix):
+    dead_pid = _dead_pid()
+    stale = [f"{shm_prefix}_{dead_pid}_0badc0de_c000_weights", f"{shm_prefix}_{dead_pid}_0badc0de_c000_manifest"]
+    for name in stale:
+        Segment(name, 4096, create=True).close()
+    with Cluster(num_devices=1, shm_prefix=shm_prefix) as cluster:
+        assert sorted(sum(cluster.sweep_report.removed.values(), [])) == sorted(stale)
+    assert not any((SHM_DIR / n).exists() for n in stale)
+    foreign = SHM_DIR / f"{shm_prefix}_not-one-of-ours"
+    foreign.write_bytes(b"x")
+    try:
+        with pytest.raises(ClusterError, match="not this user's rsd-runtime segments"):
+            Cluster(num_devices=1, shm_prefix=shm_prefix).start()
+        assert foreign.exists()  # never touched
+    finally:
+        foreign.unlink()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_host_signal_shuts_cards_down(sig, host_process):
+    proc, pids, run_segments = host_process()
+    proc.send_signal(sig)
+    proc.wait(10)
+    assert proc.returncode != 0
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 5.0)
+    assert run_segments() == []
+
+
+def test_host_kill9_leaves_no_orphans_or_segments(host_process):
+    proc, pids, run_segments = host_process()
+    proc.kill()
+    proc.wait(10)
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 5.0), "cards outlived their host"
+    assert wait_until(lambda: run_segments() == [], 5.0)
+
+
+HOST_SCRIPT = """
+import sys, time
+import numpy as np
+from rsd_runtime import Cluster
+with Cluster(num_devices=2, shm_prefix=sys.argv[1]) as c:
+    c.put(0, "w", np.ones(1000))
+    print(" ".join(str(r["pid"]) for r in c.status()), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def host_process(shm_prefix, tmp_path):
+    """A host in its own process with 2 cards; killed with its cards whatever the test does."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def start():
+        script = tmp_path / "host.py"
+        script.write_text(HOST_SCRIPT)
+        proc = subprocess.Popen([sys.executable, str(script), shm_prefix], stdout=subprocess.PIPE, text=True)
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        started.append((proc, pids))
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+
+        def run_segments():
+            return [n for n in run_leftovers(shm_prefix) if n.startswith(f"{shm_prefix}_{proc.pid}_")]
+
+        assert len(run_segments()) == 4
+        return proc, pids, run_segments
+
+    yield start
+    for proc, pids in started:
+        for pid in [proc.pid, *pids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(5)
+    sweep(shm_prefix)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while psutil.pid_exists(pid):
+        pid += 1
+    return pid
