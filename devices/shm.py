@@ -13,7 +13,6 @@ emulated memory costs only the pages actually written.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import secrets
@@ -22,13 +21,10 @@ from pathlib import Path
 
 import psutil
 
-SHM_DIR = Path(os.environ.get("RSD_SHM_DIR", "/dev/shm"))
+from interconnect.segment import SHM_DIR, Segment, SegmentError  # noqa: F401 (re-exported)
+
 DEFAULT_PREFIX = os.environ.get("RSD_SHM_PREFIX", "rsd")
 _PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,15}$")
-
-
-class SegmentError(RuntimeError):
-    """A shared-memory segment could not be created, found or mapped."""
 
 
 def check_prefix(prefix: str) -> str:
@@ -44,44 +40,6 @@ def new_run_name(prefix: str = DEFAULT_PREFIX) -> str:
 
 def segment_name(run: str, card: int, kind: str) -> str:
     return f"{run}_c{card:03d}_{kind}"
-
-
-class Segment:
-    """One named shared-memory segment mapped into this process."""
-
-    def __init__(self, name: str, size: int | None = None, *, create: bool = False):
-        self.name = name
-        self.path = SHM_DIR / name
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        try:
-            fd = os.open(self.path, flags, 0o600)
-        except FileExistsError:
-            raise SegmentError(
-                f"shared-memory segment {self.path} already exists; it belongs to another run "
-                f"or was left by one (`rsd-launch sweep` removes stale ones)"
-            ) from None
-        except FileNotFoundError:
-            raise SegmentError(f"shared-memory segment {self.path} does not exist") from None
-        try:
-            if create:
-                os.ftruncate(fd, max(int(size or 0), mmap.PAGESIZE))
-            self.size = os.fstat(fd).st_size
-            self.buf = mmap.mmap(fd, self.size)
-        except OSError as exc:
-            os.close(fd)
-            if create:
-                self.path.unlink(missing_ok=True)
-            raise SegmentError(f"cannot map segment {self.path}: {exc}") from None
-        os.close(fd)
-
-    def close(self) -> None:
-        try:
-            self.buf.close()
-        except BufferError:
-            pass  # a view still exports the buffer; the mapping goes with it
-
-    def unlink(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def host_shm_free() -> int:

@@ -19,20 +19,25 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 
 import psutil
 import zmq
 
 from devices.arena import WeightArena
+from devices.collective_ops import CollectiveOps
 from devices.kv_cache import KVCacheStore, KVLayout
 from devices.memory import DeviceMemory
-from devices.shm import remove_run
+from devices.shm import SHM_DIR, remove_run, segment_name
 from devices.spec import DeviceSpec, get_spec
-from interconnect import wire
+from interconnect import auth, wire
+from interconnect.fabric import Clock, Fabric, FabricError
+from interconnect.window import Window
 
 log = logging.getLogger("rsd.card")
 SECRET_ENV = "RSD_RUN_SECRET"
 HOST_PID_ENV = "RSD_HOST_PID"
+FABRIC_WINDOW_BYTES = 1 << 30  # sparse: only the regions in use cost host memory
 
 
 class Card:
@@ -42,7 +47,10 @@ class Card:
         self.spec = spec
         self.phantom = args.phantom
         self.state = "starting"
-        self.clock_ns = 0  # emulated clock, integer nanoseconds
+        self.clock = Clock()  # emulated clock, integer nanoseconds
+        self.fabric: Fabric | None = None
+        self.ctrl = None
+        self.backlog: deque = deque()
         self.memory = DeviceMemory(self.card, spec.memory_bytes)
         self.arena = WeightArena(self.run_name, self.card, self.memory, attach=args.attach, backed=not self.phantom)
         self.kv: KVCacheStore | None = None
@@ -61,7 +69,10 @@ class Card:
             "shutdown": self.op_shutdown,
             "debug_exit": self.op_debug_exit,
             "debug_sleep": self.op_debug_sleep,
+            "abort": lambda h, frames: ({}, []),  # nothing runs: nothing to abort
         }
+        self.collectives = CollectiveOps(self)
+        self.handlers.update(self.collectives.handlers())
 
     # -- ops: each takes (header, frames) and returns (reply fields, frames) --
     def op_status(self, h, frames):
@@ -72,9 +83,12 @@ class Card:
             "memory_used": self.memory.used,
             "memory_capacity": self.memory.capacity,
             "host_rss": psutil.Process().memory_info().rss,
-            "clock_ns": self.clock_ns,
+            "clock_ns": self.clock.now,
             "num_tensors": len(self.arena.entries),
             "kv_blocks": self.kv.layout.num_blocks if self.kv else 0,
+            "fabric_bytes_sent": self.fabric.bytes_sent if self.fabric else 0,
+            "fabric_malformed": self.fabric.malformed if self.fabric else 0,
+            "fabric_refused": self.authenticator.refused if self.fabric else 0,
             "device": self.spec.name,
             "phantom": self.phantom,
         }, []
@@ -127,24 +141,53 @@ class Card:
         return {}, []
 
     # -- loop -------------------------------------------------------------------
-    def serve(self, ctx: zmq.Context, control: str, secret: str, heartbeat_s: float) -> None:
-        sock = ctx.socket(zmq.DEALER)
+    def serve(self, ctx: zmq.Context, control: str, secret: str, heartbeat_s: float, fabric_bind: str) -> None:
+        authenticator = auth.RunAuthenticator(ctx, secret)
+        window = None
+        if fabric_bind.startswith("ipc://"):  # cards on one host: large payloads through shared memory
+            name = segment_name(self.run_name, self.card, "fabric")
+            (SHM_DIR / name).unlink(missing_ok=True)  # a window is transient: a restarted card makes a new one
+            window = Window(name, FABRIC_WINDOW_BYTES)
+        self.fabric = Fabric(ctx, self.card, secret, self.clock, bind=fabric_bind, window=window,
+                             peer_window_name=lambda c: segment_name(self.run_name, c, "fabric"),
+                             phantom=self.phantom, abort_check=self._abort_check)
+        self.authenticator = authenticator
+        sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
         sock.setsockopt(zmq.IDENTITY, f"card{self.card}".encode())
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(control)
+        self.ctrl = sock
         hb = threading.Thread(target=self._heartbeat, args=(ctx, control, secret, heartbeat_s), daemon=True)
         hb.start()
         sock.send(wire.pack({"op": "hello", "card": self.card, "pid": os.getpid(), "secret": secret,
-                             "attached": bool(self.arena.entries), "num_tensors": len(self.arena.entries)}))
+                             "attached": bool(self.arena.entries), "num_tensors": len(self.arena.entries),
+                             "fabric": self.fabric.endpoint}))
         self.state = "idle"
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         while not self.stopping.is_set():
+            if self.backlog:
+                self._dispatch(sock, self.backlog.popleft())
+                continue
             if not poller.poll(100):
                 continue
             frames = sock.recv_multipart(copy=False)
             self._dispatch(sock, frames)
+        self.fabric.close()
         sock.close()
+        authenticator.close()
+
+    def _abort_check(self) -> None:
+        """Called while the fabric waits: an 'abort' from the host ends the wait; other commands queue."""
+        while self.ctrl.poll(0):
+            frames = self.ctrl.recv_multipart(copy=False)
+            try:
+                header = wire.unpack(frames[0].buffer)
+            except wire.WireError:
+                continue
+            if header["op"] == "abort":
+                raise FabricError(f"card {self.card}: aborted by the host: {header.get('reason', '')}")
+            self.backlog.append(frames)
 
     def _dispatch(self, sock, frames) -> None:
         try:
@@ -162,16 +205,21 @@ class Card:
                 raise wire.WireError(f"unknown op {header['op']!r}")
             result, out = handler(header, frames[1:])
             reply = {"op": "reply", "id": req_id, "ok": True, **result}
+        except FabricError as exc:  # a collective broke off: its groups' sequence numbers are void
+            self.collectives.reset()
+            reply, out = {"op": "reply", "id": req_id, "ok": False, "error": str(exc),
+                          "kind": type(exc).__name__}, []
         except Exception as exc:  # any failure of one command is reported, never fatal
             log.info("card %d: %s failed: %s", self.card, header["op"], exc)
             reply, out = {"op": "reply", "id": req_id, "ok": False, "error": str(exc),
                           "kind": type(exc).__name__}, []
         if busy:
             self.state = "idle"
-        sock.send_multipart([wire.pack(reply), *out], copy=False)
+        if header["op"] != "abort":
+            sock.send_multipart([wire.pack(reply), *out], copy=False)
 
     def _heartbeat(self, ctx, control, secret, interval) -> None:
-        sock = ctx.socket(zmq.DEALER)
+        sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
         sock.setsockopt(zmq.IDENTITY, f"card{self.card}.hb".encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(control)
@@ -182,7 +230,7 @@ class Card:
                 remove_run(self.run_name)
                 os._exit(3)
             sock.send(wire.pack({"op": "heartbeat", "card": self.card, "secret": secret,
-                                 "state": self.state, "clock_ns": self.clock_ns}))
+                                 "state": self.state, "clock_ns": self.clock.now}))
         sock.close()
 
 
@@ -208,6 +256,7 @@ def parse_args(argv=None):
     p.add_argument("--attach", action="store_true", help="re-attach to the card's existing segments")
     p.add_argument("--phantom", action="store_true", help="keep no real bytes, only account for them")
     p.add_argument("--heartbeat", type=float, default=0.25, help="seconds between heartbeats")
+    p.add_argument("--fabric-bind", required=True, help="ZeroMQ address the card's fabric socket binds")
     return p.parse_args(argv)
 
 
@@ -224,7 +273,7 @@ def main(argv=None) -> int:
     parent = host_pid()
     ctx = zmq.Context()
     try:
-        card.serve(ctx, args.control, secret, args.heartbeat)
+        card.serve(ctx, args.control, secret, args.heartbeat, args.fabric_bind)
     finally:
         card.arena.close()
         ctx.destroy(linger=0)

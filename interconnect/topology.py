@@ -87,11 +87,19 @@ class Topology:
         return min(h.spec.bandwidth_gbps for h in self.path(src, dst))
 
     def _load(self, flows: Iterable[Flow]) -> Counter:
-        # A flow is counted once per channel even if its path crossed it twice.
-        load: Counter = Counter()
+        """Concurrent streams per channel: min(distinct senders, distinct receivers) crossing it.
+
+        A card's own port sends (receives) one message at a time, queueing the
+        rest (see interconnect.emulation), so several flows from one sender, or
+        to one receiver, are one stream on any link they share.
+        """
+        srcs: dict = {}
+        dsts: dict = {}
         for src, dst in flows:
-            load.update({hop.channel for hop in self.path(src, dst)})
-        return load
+            for ch in {hop.channel for hop in self.path(src, dst)}:
+                srcs.setdefault(ch, set()).add(src)
+                dsts.setdefault(ch, set()).add(dst)
+        return Counter({ch: min(len(srcs[ch]), len(dsts[ch])) for ch in srcs})
 
     @staticmethod
     def _share(hops: list[Hop], load: Counter) -> Fraction:

@@ -30,6 +30,8 @@ from devices.kv_cache import KVLayout
 from devices.memory import fmt_bytes
 from devices.spec import DeviceSpec, get_spec
 from interconnect import wire
+from interconnect.auth import RunAuthenticator
+from interconnect.topology import get_topology
 from rsd_runtime.control import ControlPlane
 from rsd_runtime.errors import CardDied, ClusterError
 from rsd_runtime.supervisor import CardProcess, describe_exit, spawn_card
@@ -46,7 +48,9 @@ MAX_DEVICES = 1024
 class Cluster:
     def __init__(self, num_devices: int = 1, device: str | DeviceSpec = "atom-plus", *, phantom: bool = False,
                  shm_prefix: str = shm.DEFAULT_PREFIX, start_timeout: float = 60.0,
-                 heartbeat_timeout: float = 10.0, card_log_level: str | None = None):
+                 heartbeat_timeout: float = 10.0, card_log_level: str | None = None,
+                 topology: str = "switch", link: str = "pcie-gen5-x16", topology_options: dict | None = None,
+                 transport: str = "ipc", tcp_host: str = "127.0.0.1"):
         if not isinstance(num_devices, int) or num_devices < 1:
             raise ClusterError(f"num_devices must be a whole number >= 1, got {num_devices!r}")
         if num_devices > MAX_DEVICES:
@@ -60,6 +64,15 @@ class Cluster:
                 f"({fmt_bytes(CARD_HOST_BYTES)} each); this machine has {fmt_bytes(avail)} available "
                 f"(at most {avail // CARD_HOST_BYTES} cards)")
         self.num_devices = num_devices
+        self.topology_config = {"topology": topology, "link": link, "options": dict(topology_options or {})}
+        try:
+            self.topology = get_topology(topology, num_devices, link, **self.topology_config["options"])
+        except (ValueError, TypeError) as exc:
+            raise ClusterError(str(exc)) from None
+        if transport not in ("ipc", "tcp"):
+            raise ClusterError(f"unknown transport {transport!r}; known: ipc, tcp")
+        self.transport = transport
+        self.tcp_host = tcp_host
         self.phantom = phantom
         self.shm_prefix = shm.check_prefix(shm_prefix)
         self.start_timeout = start_timeout
@@ -93,11 +106,13 @@ class Cluster:
         self._install_sigterm()
         try:
             self._ctx = zmq.Context()
+            self._auth = RunAuthenticator(self._ctx, self._secret)
             self.control = ControlPlane(self._ctx, f"ipc://{self.run_dir}/control", self._secret,
                                         check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
             for card in range(self.num_devices):
                 self.procs[card] = self._spawn(card, attach=False)
             self._await_hello(range(self.num_devices), progress)
+            self._fabric_init(range(self.num_devices))
         except BaseException:
             self.shutdown()
             raise
@@ -105,9 +120,18 @@ class Cluster:
 
     def _spawn(self, card: int, *, attach: bool) -> CardProcess:
         spec = self.spec.name if _is_preset(self.spec) else json.dumps(self.spec.to_dict())
+        bind = f"ipc://{self.run_dir}/fabric{card}" if self.transport == "ipc" else f"tcp://{self.tcp_host}:*"
         return spawn_card(card, run=self.run_name, control=f"ipc://{self.run_dir}/control", secret=self._secret,
-                          spec=spec, run_dir=self.run_dir, attach=attach, phantom=self.phantom,
+                          spec=spec, run_dir=self.run_dir, fabric_bind=bind, attach=attach, phantom=self.phantom,
                           log_level=self.card_log_level)
+
+    def _fabric_init(self, cards) -> None:
+        """Tell every card its peers' fabric endpoints and the link model."""
+        peers = {str(c): h["fabric"] for c, h in self.control.hello.items() if c not in self.control.dead}
+        futs = [self.control.submit(c, "fabric_init", {"peers": peers, "num_cards": self.num_devices,
+                                                       **self.topology_config}) for c in cards]
+        for f in futs:
+            f.result(30)
 
     def _await_hello(self, cards, progress=None) -> None:
         cards = list(cards)
@@ -162,6 +186,8 @@ class Cluster:
                 proc.popen.wait()
         if self.control is not None:
             self.control.close()
+        if getattr(self, "_auth", None) is not None:
+            self._auth.close()
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
         shm.remove_run(self.run_name)
@@ -207,6 +233,7 @@ class Cluster:
         self.control.forget(card)
         self.procs[card] = self._spawn(card, attach=True)
         self._await_hello([card])
+        self._fabric_init([c for c in range(self.num_devices) if c not in self.control.dead])
         return self.control.hello[card]
 
     # -- commands ------------------------------------------------------------------
@@ -257,6 +284,51 @@ class Cluster:
 
     def kv_init(self, card: int, layout: KVLayout) -> dict:
         return self.call(card, "kv_init", layout=layout.to_dict())[0]
+
+    # -- collectives -----------------------------------------------------------------
+    def _group(self, group) -> list[int]:
+        group = list(range(self.num_devices)) if group is None else [int(c) for c in group]
+        for c in group:
+            self._check_card(c)
+        return group
+
+    def collective(self, kind: str, inputs: list, *, group=None, algo: str = "auto", op: str = "sum",
+                   root: int = 0, timeout: float | None = None) -> dict:
+        """Run one collective; ``inputs[i]`` is group member i's buffer (numpy or torch).
+
+        Returns {"outputs": one array per member, "emu_ns": emulated time per member (its clock
+        advance), "wall_ns": per member}.
+        """
+        group = self._group(group)
+        if len(inputs) != len(group):
+            raise ClusterError(f"{kind}: {len(inputs)} inputs for a group of {len(group)} cards")
+        wires = [wire.to_wire(t) for t in inputs]
+        dtypes = {w[0] for w in wires}
+        if len(dtypes) != 1:
+            raise ClusterError(f"{kind}: inputs mix dtypes {sorted(dtypes)}")
+        dtype = dtypes.pop()
+        futs = [self.control.submit(c, "collective", {"kind": kind, "group": group, "algo": algo, "redop": op,
+                                                      "root": root, "dtype": dtype}, [w[2]])
+                for c, w in zip(group, wires)]
+        replies = [f.result(timeout) for f in futs]
+        outs = []
+        for header, frames in replies:
+            buf = bytearray(frames[0].buffer)
+            outs.append(wire.from_wire(buf, dtype, [len(buf) // wire.itemsize(dtype)]))
+        return {"outputs": outs, "emu_ns": [h["emu_ns"] for h, _ in replies],
+                "wall_ns": [h["wall_ns"] for h, _ in replies]}
+
+    def bench_collective(self, kind: str, count: int, dtype: str = "float32", *, group=None, algo: str = "auto",
+                         op: str = "sum", root: int = 0, warmup: int = 2, iters: int = 5,
+                         timeout: float | None = None) -> dict:
+        """Measure one collective on card-generated data: emulated time from a common clock 0 (max over
+        cards), wall time per iteration (max over cards), and the number of wrong elements."""
+        group = self._group(group)
+        fields = {"kind": kind, "group": group, "algo": algo, "redop": op, "root": root, "dtype": dtype,
+                  "count": count, "warmup": warmup, "iters": iters}
+        replies = [f.result(timeout) for f in [self.control.submit(c, "collective_bench", fields) for c in group]]
+        return {"emu_ns": max(h["emu_ns"] for h, _ in replies), "wall_ns": max(h["wall_ns"] for h, _ in replies),
+                "wrong": None if self.phantom else sum(h["wrong"] for h, _ in replies)}
 
 
 def _spec_or_error(name: str) -> DeviceSpec:

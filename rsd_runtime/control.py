@@ -21,7 +21,7 @@ from typing import Callable
 
 import zmq
 
-from interconnect import wire
+from interconnect import auth, wire
 from rsd_runtime.errors import CardDied, CardError
 
 log = logging.getLogger("rsd.host")
@@ -34,7 +34,7 @@ class ControlPlane:
         self.secret = secret
         self.check_cards = check_cards
         self.heartbeat_timeout = heartbeat_timeout
-        self.router = ctx.socket(zmq.ROUTER)
+        self.router = auth.make_server(ctx.socket(zmq.ROUTER))
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(address)
@@ -177,6 +177,12 @@ class ControlPlane:
         else:
             fut.set_exception(CardError(card, req_op, header.get("error", "?"), header.get("kind", "")))
 
+    def _send_abort(self, card: int, reason: str) -> None:
+        try:
+            self.router.send_multipart([f"card{card}".encode(), wire.pack({"op": "abort", "reason": reason})])
+        except zmq.ZMQError:
+            pass
+
     def _fail_request(self, req_id: int, exc: Exception) -> None:
         with self._lock:
             entry = self._pending.pop(req_id, None)
@@ -198,6 +204,11 @@ class ControlPlane:
                 self.hello_event.notify_all()
         for exc in fresh.values():
             log.error("%s", exc)
+        if fresh:  # cards waiting on a dead peer inside a collective stop waiting
+            with self._lock:
+                busy = {entry[0] for entry in self._pending.values()} - set(self.dead)
+            for card in busy:
+                self._send_abort(card, "; ".join(str(e).splitlines()[0] for e in fresh.values()))
         for _, (card, _op, fut, _frames) in victims:
             if not fut.done():
                 fut.set_exception(fresh[card])

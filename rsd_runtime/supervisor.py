@@ -43,11 +43,11 @@ class CardProcess:
 
 
 def spawn_card(card: int, *, run: str, control: str, secret: str, spec: str, run_dir: Path,
-               attach: bool = False, phantom: bool = False, heartbeat_s: float = 0.25,
+               fabric_bind: str, attach: bool = False, phantom: bool = False, heartbeat_s: float = 0.25,
                log_level: str | None = None) -> CardProcess:
     """Start one card in a fresh interpreter (spawn, not fork)."""
     cmd = [sys.executable, "-m", "devices", "--run", run, "--card", str(card), "--control", control,
-           "--spec", spec, "--heartbeat", str(heartbeat_s)]
+           "--spec", spec, "--heartbeat", str(heartbeat_s), "--fabric-bind", fabric_bind]
     if attach:
         cmd.append("--attach")
     if phantom:

@@ -1,0 +1,138 @@
+"""Collectives over a process group, named and shaped as torch.distributed's.
+
+Tensors are flat numpy arrays in wire storage dtype (bfloat16 as uint16),
+named by a dtype string. Every call is synchronous: on return the result is
+in place and every buffer may be reused (the fabric's sends are settled).
+``algo`` is ``"ring"``, ``"tree"``, ``"one-shot"`` or ``"auto"``
+(``interconnect.auto``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from interconnect import auto, oneshot, ring, tree
+from interconnect import reduce as red
+from interconnect.group import ProcessGroup, split
+from interconnect.reduce import ReduceOp
+
+ALGORITHMS = {"ring": ring, "tree": tree, "one-shot": oneshot}
+ALGO_NAMES = (*ALGORITHMS, "auto")
+
+
+def _algo(g: ProcessGroup, op: str, nbytes: int, algo: str):
+    if algo == "auto":
+        algo = auto.choose(op, nbytes, g.ranks, g.fabric.ports.topology)
+    try:
+        return ALGORITHMS[algo]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGO_NAMES)}") from None
+
+
+def all_reduce(buf: np.ndarray, op=ReduceOp.SUM, group: ProcessGroup = None, *, dtype: str,
+               algo: str = "auto") -> None:
+    """Reduce ``buf`` over the group; afterwards every rank holds op(buf_0, ..., buf_{n-1}).
+
+    rank 0: [1, 2]   rank 1: [3, 4]   ->   every rank: [4, 6]   (SUM)
+    Every rank ends with bit-identical values.
+    """
+    op = ReduceOp.parse(op)
+    red.check_op(op, dtype)
+    seq = group.begin()
+    if group.size > 1 and buf.size:
+        _algo(group, "all_reduce", buf.nbytes, algo).all_reduce(group, buf, op, dtype, seq)
+    if op is ReduceOp.AVG and not group.phantom:
+        red.finish_avg(buf, group.size, dtype)
+
+
+def all_gather(output: np.ndarray, input: np.ndarray, group: ProcessGroup = None, *, dtype: str,
+               algo: str = "auto") -> None:
+    """Concatenate every rank's ``input`` in rank order into ``output`` (n times its size) on all ranks.
+
+    rank 0: [1]   rank 1: [2]   ->   every rank: [1, 2]
+    """
+    n = group.size
+    if output.size != n * input.size:
+        raise ValueError(f"all_gather: output has {output.size} elements, needs {n} x {input.size}")
+    seq = group.begin()
+    c = input.size
+    output[group.rank * c:(group.rank + 1) * c] = input
+    if n > 1 and c:
+        _algo(group, "all_gather", output.nbytes, algo).all_gather(group, output, dtype, seq)
+
+
+def reduce_scatter(output: np.ndarray, input: np.ndarray, op=ReduceOp.SUM, group: ProcessGroup = None, *,
+                   dtype: str, algo: str = "auto") -> None:
+    """Reduce ``input`` (n x output's size) over the group; rank r keeps piece r of the result.
+
+    rank 0: [1, 2]   rank 1: [3, 4]   ->   rank 0: [4]   rank 1: [6]   (SUM)
+    """
+    op = ReduceOp.parse(op)
+    red.check_op(op, dtype)
+    n = group.size
+    if input.size != n * output.size:
+        raise ValueError(f"reduce_scatter: input has {input.size} elements, needs {n} x {output.size}")
+    seq = group.begin()
+    work = group.copy(input)
+    try:
+        if n > 1 and output.size:
+            _algo(group, "reduce_scatter", input.nbytes, algo).reduce_scatter(group, work, op, dtype, seq)
+        a, b = split(work.size, n)[group.rank]
+        output[...] = work[a:b]
+    finally:
+        group.release(work)
+    if op is ReduceOp.AVG and not group.phantom:
+        red.finish_avg(output, n, dtype)
+
+
+def broadcast(buf: np.ndarray, src: int, group: ProcessGroup = None, *, dtype: str, algo: str = "auto") -> None:
+    """Copy group rank ``src``'s ``buf`` to every rank.
+
+    src=0, rank 0: [7, 8]   ->   every rank: [7, 8]
+    """
+    _check_root(src, group)
+    seq = group.begin()
+    if group.size > 1 and buf.size:
+        _algo(group, "broadcast", buf.nbytes, algo).broadcast(group, buf, src, dtype, seq)
+
+
+def reduce(buf: np.ndarray, dst: int, op=ReduceOp.SUM, group: ProcessGroup = None, *, dtype: str,
+           algo: str = "auto") -> None:
+    """Reduce ``buf`` over the group into group rank ``dst``'s ``buf``; other ranks' buffers are unchanged.
+
+    dst=1, rank 0: [1, 2]   rank 1: [3, 4]   ->   rank 1: [4, 6]   rank 0: [1, 2]
+    """
+    op = ReduceOp.parse(op)
+    red.check_op(op, dtype)
+    _check_root(dst, group)
+    seq = group.begin()
+    if group.size > 1 and buf.size:
+        work = group.copy(buf)
+        try:
+            _algo(group, "reduce", buf.nbytes, algo).reduce(group, work, dst, op, dtype, seq)
+            if group.rank == dst:
+                buf[...] = work
+        finally:
+            group.release(work)
+    if op is ReduceOp.AVG and group.rank == dst and not group.phantom:
+        red.finish_avg(buf, group.size, dtype)
+
+
+def barrier(group: ProcessGroup = None) -> None:
+    """Return on each rank only after every rank of the group has entered."""
+    token = np.zeros(1, np.int32)
+    all_reduce(token, ReduceOp.SUM, group, dtype="int32", algo="tree" if group.size > 2 else "one-shot")
+
+
+def send(buf: np.ndarray, dst: int, group: ProcessGroup = None, tag: int = 0) -> None:
+    """Send ``buf`` to group rank ``dst``; returns when ``buf`` may be reused."""
+    group.send(dst, group.tag(0, 1 << 30, tag), buf).wait()
+
+
+def recv(buf: np.ndarray, src: int, group: ProcessGroup = None, tag: int = 0, *, dtype: str) -> None:
+    """Receive into ``buf`` what group rank ``src`` sent with the same ``tag``."""
+    group.recv_into(src, group.tag(0, 1 << 30, tag), buf, dtype)
+
+
+def _check_root(root: int, group: ProcessGroup) -> None:
+    if not 0 <= root < group.size:
+        raise ValueError(f"root {root} is not a rank of a group of {group.size}")

@@ -1,0 +1,74 @@
+"""The emulated clock of one card's fabric ports.
+
+Every message carries the time its first byte left the sender (``start``), how
+long it holds a port (``occ``: serialisation at its share of the bottleneck
+bandwidth) and the path latency (``lat``), all integer nanoseconds.
+
+* Sender: a port sends one message at a time, so ``start = max(now,
+  tx_free)`` and ``tx_free = start + occ``. Sending does not advance the
+  sender's own clock: the card's DMA engine moves the bytes.
+* Receiver: ``arrival = max(start + lat + occ, rx_free + occ)`` and
+  ``rx_free = arrival``: a port receives one message at a time. Receives are
+  applied in the order the program asks for them, never in the order the host
+  happened to deliver them, so emulated figures do not depend on host load.
+* The waiting card's clock becomes ``max(clock, arrival)``.
+* Shared links past a card's own ports (switch uplinks, NICs) give each flow
+  of one collective step an equal share of their bandwidth (``Topology``).
+* A reduction of a received message runs on the card at memory bandwidth and
+  is pipelined with the transfer in ``REDUCE_SLICE`` pieces, as reduce-copy
+  kernels and DMA engines with in-line reduction do: it starts with the first
+  byte and cannot end before the last byte plus the reduction of one slice::
+
+      done = max(arrival, max(arrival - occ, clock) + reduce(n)) + reduce(slice)
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+from interconnect.topology import Topology
+
+REDUCE_SLICE = 512 << 10  # bytes; NCCL's default chunk for ring steps is of this order (NCCL_BUFFSIZE / steps)
+
+
+class PortClock:
+    def __init__(self, topology: Topology, rank: int, reduce_ns: Callable[[int], int]):
+        self.topology = topology
+        self.rank = rank
+        self.reduce_ns = reduce_ns
+        self.tx_free = 0
+        self.rx_free = 0
+        self._cost = lru_cache(maxsize=4096)(self._cost_uncached)
+
+    def _cost_uncached(self, src: int, dst: int, nbytes: int, flows: tuple) -> tuple[int, int]:
+        lat = self.topology.latency_ns(src, dst)
+        total = self.topology.transfer_time_ns(src, dst, nbytes, flows or None)
+        return total - lat, lat
+
+    def depart(self, now: int, dst: int, nbytes: int, flows: tuple = ()) -> dict:
+        """Stamp for a message leaving now; updates the send port."""
+        occ, lat = self._cost(self.rank, dst, nbytes, flows)
+        start = max(now, self.tx_free)
+        self.tx_free = start + occ
+        return {"start": start, "occ": occ, "lat": lat}
+
+    def arrive(self, stamp: dict) -> int:
+        """Emulated arrival time of a message with this stamp; updates the receive port."""
+        arrival = max(stamp["start"] + stamp["lat"] + stamp["occ"], self.rx_free + stamp["occ"])
+        self.rx_free = arrival
+        return arrival
+
+    def reduce_done(self, clock: int, arrival: int, occ: int, nbytes: int) -> int:
+        """Clock after reducing a message of nbytes into a local buffer as it streams in."""
+        streamed = max(arrival - occ, clock) + self.reduce_ns(nbytes)
+        return max(arrival, streamed) + self.reduce_ns(min(nbytes, REDUCE_SLICE))
+
+
+def memory_reduce_ns(memory_bw: float, efficiency: float) -> Callable[[int], int]:
+    """A reduction reads two operands and writes one: 3 bytes of memory traffic per byte."""
+    rate = memory_bw * efficiency  # bytes/s
+
+    def reduce_ns(nbytes: int) -> int:
+        return -(-3 * nbytes * 10**9 // int(rate)) if nbytes else 0
+
+    return reduce_ns
