@@ -30,14 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.common import BUS_FACTOR, sweep
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
-BUS_FACTOR = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0,
-    "reduce": lambda n: 1.0,
-}
 _REPO = Path(__file__).resolve().parent.parent
 _POLL_S = 0.05
 _TAIL_CHARS = 3000
@@ -246,17 +241,6 @@ def _worker(spec_path: str, rank: int) -> None:
 
 
 # ---- program --------------------------------------------------------------------------------
-
-def sweep(min_bytes: int, max_bytes: int, factor: int = 2) -> list[int]:
-    """Sizes min_bytes, min_bytes * factor, ... up to max_bytes (nccl-tests -b/-e/-f)."""
-    if min_bytes < 1 or factor < 2:
-        raise ValueError(f"need min_bytes >= 1 and factor >= 2; got {min_bytes}, {factor}")
-    sizes = []
-    while min_bytes <= max_bytes:
-        sizes.append(min_bytes)
-        min_bytes *= factor
-    return sizes
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gloo_ref", description=__doc__.splitlines()[0],

@@ -229,8 +229,11 @@ class Card:
                 log.error("card %d: host (pid %d) is gone; removing the run's segments and exiting", self.card, parent)
                 remove_run(self.run_name)
                 os._exit(3)
-            sock.send(wire.pack({"op": "heartbeat", "card": self.card, "secret": secret,
-                                 "state": self.state, "clock_ns": self.clock.now}))
+            try:  # never block: with the host gone a DEALER send would wait forever
+                sock.send(wire.pack({"op": "heartbeat", "card": self.card, "secret": secret,
+                                     "state": self.state, "clock_ns": self.clock.now}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
         sock.close()
 
 
@@ -269,8 +272,15 @@ def main(argv=None) -> int:
     spec = get_spec(args.spec) if not args.spec.startswith("{") else DeviceSpec(**json.loads(args.spec))
     secret = os.environ.pop(SECRET_ENV, "")
     card = Card(args, spec)
-    signal.signal(signal.SIGTERM, lambda *_: card.stopping.set())
     parent = host_pid()
+
+    def on_sigterm(*_):
+        if os.getppid() != parent:  # PR_SET_PDEATHSIG: the host died, nobody else will clean up
+            remove_run(args.run)
+            os._exit(0)
+        card.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     ctx = zmq.Context()
     try:
         card.serve(ctx, args.control, secret, args.heartbeat, args.fabric_bind)

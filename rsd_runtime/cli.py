@@ -94,6 +94,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch"}
+
+
+def _bench_args(p):
+    p.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark program to run")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see: rsd-launch bench NAME --help)")
+
+
+@command("bench", "run a benchmark program (collectives, launch); options after its name go to it", _bench_args)
+def cmd_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(BENCHMARKS[args.benchmark]).main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rsd-launch",

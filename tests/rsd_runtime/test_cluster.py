@@ -138,7 +138,7 @@ def test_host_kill9_leaves_no_orphans_or_segments(host_process):
     proc, pids, run_segments = host_process()
     proc.kill()
     proc.wait(10)
-    assert wait_until(lambda: not any(_alive(p) for p in pids), 5.0), "cards outlived their host"
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 5.0), f"cards outlived their host: {_describe(pids)}"
     assert wait_until(lambda: run_segments() == [], 5.0)
 
 
@@ -184,6 +184,17 @@ def host_process(shm_prefix, tmp_path):
                 pass
         proc.wait(5)
     sweep(shm_prefix)
+
+
+def _describe(pids) -> list:
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            out.append((pid, p.status(), p.ppid(), p.cmdline()[-6:], [t.id for t in p.threads()]))
+        except psutil.NoSuchProcess:
+            out.append((pid, "gone"))
+    return out
 
 
 def _alive(pid: int) -> bool:
