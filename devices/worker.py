@@ -26,6 +26,7 @@ import zmq
 
 from devices.arena import WeightArena
 from devices.collective_ops import CollectiveOps
+from devices.inference_ops import InferenceOps
 from devices.kv_cache import KVCacheStore, KVLayout
 from devices.memory import DeviceMemory
 from devices.shm import SHM_DIR, remove_run, segment_name
@@ -73,6 +74,8 @@ class Card:
         }
         self.collectives = CollectiveOps(self)
         self.handlers.update(self.collectives.handlers())
+        self.inference = InferenceOps(self)
+        self.handlers.update(self.inference.handlers())
 
     # -- ops: each takes (header, frames) and returns (reply fields, frames) --
     def op_status(self, h, frames):
@@ -118,13 +121,16 @@ class Card:
         return {"tensors": [self.arena.describe(n) for n in self.arena.entries]}, []
 
     def op_kv_init(self, h, frames):
-        layout = KVLayout(**h["layout"])
+        return self.install_kv(KVLayout(**h["layout"])), []
+
+    def install_kv(self, layout: KVLayout) -> dict:
+        """(Re)create the KV cache store with this layout; its old segment goes."""
         if self.kv is not None:
             self.kv.release(unlink=True)
             self.kv = None
         self.kv = KVCacheStore(self.run_name, self.card, self.memory, layout, backed=not self.phantom)
         self.arena.set_meta("kv", layout.to_dict())
-        return {"nbytes": layout.nbytes, "segment": self.kv.segment.name if self.kv.segment else None}, []
+        return {"nbytes": layout.nbytes, "segment": self.kv.segment.name if self.kv.segment else None}
 
     def op_ping(self, h, frames):
         return {"t": h.get("t")}, list(frames)

@@ -16,7 +16,7 @@ import sys
 from devices import shm
 from devices.memory import fmt_bytes
 from devices.spec import PRESETS
-from rsd_runtime.errors import CardDied, ClusterError
+from rsd_runtime.errors import CardDied, CardError, ClusterError
 
 COMMANDS: dict[str, tuple[str, callable, callable]] = {}  # name -> (help, add_arguments, run)
 
@@ -94,7 +94,60 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch"}
+def _generate_args(p):
+    p.add_argument("--model", help="Hugging Face model directory (default: the built-in tiny model)")
+    p.add_argument("--tp", type=int, default=4, help="tensor-parallel degree: the number of cards")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-ids", action="append", help="prompt token ids, comma separated (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 samples greedily")
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the checkpoint's)")
+
+
+@command("generate", "generate text with a model split over --tp cards", _generate_args)
+def cmd_generate(args) -> int:
+    from rsd_runtime.llm import LLM
+    from rsd_runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.prompt_ids:
+        prompts = [[int(t) for t in p.replace(" ", "").split(",") if t] for p in args.prompt_ids]
+    else:
+        prompts = args.prompt or ["Hello"]
+    with LLM(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
+             phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json) as llm:
+        stream = None
+        if not args.json and len(prompts) == 1:
+            stream = lambda i, tok, text: print(text, end="", flush=True)  # noqa: E731
+            if isinstance(prompts[0], str):
+                print(prompts[0], end="", flush=True)
+        outs = llm.generate(prompts, params, on_token=stream)
+        spec = llm.engine.cluster.spec.name
+    if args.json:
+        docs = [{**o.to_dict(), "model": args.model or "tiny-llama (built in)", "tp": args.tp, "device": spec}
+                for o in outs]
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+        return 0
+    for o in outs:
+        if stream is None:
+            print(f"[{o.request_id}] {o.prompt or o.prompt_token_ids}{o.text if o.text is not None else o.token_ids}")
+        else:
+            print(flush=True)
+        m = o.metrics
+        print(f"-- {len(o.token_ids)} tokens ({o.finish_reason}) | wall: TTFT {m['ttft_s'] * 1e3:.1f} ms, "
+              f"TPOT {m['tpot_s'] * 1e3:.2f} ms | emulated ({args.tp} x {spec}): TTFT {m['emu_ttft_s'] * 1e6:.1f} us, "
+              f"TPOT {m['emu_tpot_s'] * 1e6:.2f} us", file=sys.stderr)
+    return 0
+
+
+BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode"}
 
 
 def _bench_args(p):
@@ -115,16 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start N emulated neural-engine cards (one OS process each) and run a job on them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--devices", "-n", type=int, default=4, metavar="N", help="number of cards")
-    p.add_argument("--device", default="atom-plus", help=f"device preset: {', '.join(PRESETS)}")
-    p.add_argument("--phantom", action="store_true", help="cards account for memory and time but hold no bytes")
-    p.add_argument("--shm-prefix", default=shm.DEFAULT_PREFIX, help="prefix of the run's /dev/shm segments")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    _common(p, defaults=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name != "bench":
+            _common(sp, defaults=False)  # accepted after the command too: rsd-launch generate --json
+        add_arguments(sp)
     return p
+
+
+def _common(p, defaults: bool) -> None:
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--devices", "-n", type=int, default=d(4), metavar="N", help="number of cards")
+    p.add_argument("--device", default=d("atom-plus"), help=f"device preset: {', '.join(PRESETS)}")
+    p.add_argument("--phantom", action="store_true", default=d(False),
+                   help="cards account for memory and time but hold no bytes")
+    p.add_argument("--shm-prefix", default=d(shm.DEFAULT_PREFIX), help="prefix of the run's /dev/shm segments")
+    p.add_argument("--json", action="store_true", default=d(False), help="machine-readable output")
+    p.add_argument("-v", "--verbose", action="count", default=d(0), help="more logging (-vv for debug)")
 
 
 def main(argv=None) -> int:
@@ -136,7 +199,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rsd-launch: interrupted; cards shut down", file=sys.stderr)
         return 130
-    except (ClusterError, CardDied, ValueError, shm.SegmentError, MemoryError) as exc:
+    except (ClusterError, CardDied, CardError, ValueError, shm.SegmentError, MemoryError) as exc:
         print(f"rsd-launch: error: {exc}", file=sys.stderr)
         return 2
 

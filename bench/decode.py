@@ -1,0 +1,103 @@
+"""Decode speed on the built-in tiny model: tp 1, 2, 4 beside transformers' generate, same run.
+
+    python -m bench.decode [--tp 1 2 4] [--batch 4] [--output-len 64] [--json results/decode.json]
+
+Wall clock: decode tokens/s = tokens after each request's first / (time from
+the first token to the last), summed over the batch; transformers' figure is
+measured the same way with a streamer-free timing of its greedy generate of
+the same prompts (batch, left padding). Emulated clock: TTFT and TPOT of the
+same run on the emulated cards. Greedy sampling, fixed prompts, one warm-up
+generation per engine.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import write_json
+from rsd_runtime.llm import LLM
+from rsd_runtime.sampling import SamplingParams
+from rsd_runtime.tiny_model import ensure_tiny_model
+
+PROMPTS = ["The weather today is", "Computers can", "When the rain stops, the", "A small program"]
+
+
+def ours(tp: int, prompts: list[str], output_len: int, device: str) -> dict:
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    with LLM(tensor_parallel_size=tp, device=device, progress=False) as llm:
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        wall = time.perf_counter() - t0
+    m = [o.metrics for o in outs]
+    decode_s = max(x["latency_s"] for x in m) - min(x["ttft_s"] for x in m)
+    n = sum(len(o.token_ids) - 1 for o in outs)
+    return {"engine": f"rsd-runtime tp={tp}", "tp": tp, "decode_tok_s": n / decode_s, "wall_s": wall,
+            "ttft_s": sum(x["ttft_s"] for x in m) / len(m), "tpot_s": sum(x["tpot_s"] for x in m) / len(m),
+            "emu_ttft_s": sum(x["emu_ttft_s"] for x in m) / len(m),
+            "emu_tpot_s": sum(x["emu_tpot_s"] for x in m) / len(m),
+            "token_ids": [o.token_ids for o in outs]}
+
+
+def reference(prompts: list[str], output_len: int, threads: int) -> dict:
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("bench.decode compares with transformers: pip install -e '.[test]'") from None
+    torch.set_num_threads(threads)
+    path = ensure_tiny_model()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    transformers.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(**batch, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(**batch, max_new_tokens=output_len, min_new_tokens=output_len, **kw)
+        total = time.perf_counter() - t0
+    n = len(prompts) * (output_len - 1)
+    return {"engine": f"transformers generate ({threads} thread{'s' if threads > 1 else ''})", "tp": None,
+            "decode_tok_s": n / max(total - ttft, 1e-9), "wall_s": total, "ttft_s": ttft,
+            "tpot_s": (total - ttft) / (output_len - 1), "emu_ttft_s": None, "emu_tpot_s": None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--batch", type=int, default=4, help="prompts generated together")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--device", default="atom-plus")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    prompts = (PROMPTS * args.batch)[:args.batch]
+    cores = torch.get_num_threads()
+    rows = [reference(prompts, args.output_len, 1)] + ([reference(prompts, args.output_len, cores)] if cores > 1 else [])
+    rows += [ours(tp, prompts, args.output_len, args.device) for tp in args.tp]
+    print(f"# tiny built-in model, batch {args.batch}, {args.output_len} new tokens, greedy; "
+          f"emulated cards: {args.device}")
+    print(f"{'engine':<34} {'decode tok/s':>12} {'TTFT ms':>9} {'TPOT ms':>9}   {'emu TTFT us':>11} "
+          f"{'emu TPOT us':>11}")
+    print(f"{'':<34} {'---------- wall clock ----------':>32}   {'-- emulated clock --':>23}")
+    for r in rows:
+        emu = (f"{r['emu_ttft_s'] * 1e6:>11.1f} {r['emu_tpot_s'] * 1e6:>11.2f}" if r["emu_ttft_s"] is not None
+               else f"{'-':>11} {'-':>11}")
+        print(f"{r['engine']:<34} {r['decode_tok_s']:>12.1f} {r['ttft_s'] * 1e3:>9.2f} {r['tpot_s'] * 1e3:>9.2f}   "
+              f"{emu}")
+    same = len({str(r["token_ids"]) for r in rows if "token_ids" in r}) == 1
+    print(f"# greedy outputs identical across tp: {same}")
+    if args.json:
+        write_json(args.json, "decode", vars(args), rows, outputs_identical_across_tp=same)
+        print(f"# wrote {args.json}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""Card commands for inference: take a compiled program, run steps of it.
+
+torch is imported only here, when a card first runs a model: cards that only
+hold memory or run collectives start in a fraction of the time.
+"""
+from __future__ import annotations
+
+from devices.kv_cache import KVLayout
+
+
+class InferenceOps:
+    def __init__(self, card):
+        self.card = card
+        self.executor = None
+
+    def handlers(self) -> dict:
+        return {"load_program": self.op_load_program, "step": self.op_step}
+
+    def op_load_program(self, h, frames):
+        """Install a command stream; allocate the KV cache it needs (in shared memory)."""
+        import torch
+
+        from devices.executor import Executor
+
+        torch.set_num_threads(int(h.get("threads", 1)))
+        card = self.card
+        kv = card.install_kv(KVLayout(**h["kv"]))
+        meta = h["program"]["meta"]
+        group = card.collectives.group(meta["group"]) if len(meta["group"]) > 1 else None
+        self.executor = Executor(card, h["program"], group)
+        return {"kv_bytes": kv["nbytes"], "kv_segment": kv["segment"]}, []
+
+    def op_step(self, h, frames):
+        if self.executor is None:
+            raise RuntimeError(f"card {self.card.card}: no program loaded")
+        card = self.card
+        card.clock.now = max(card.clock.now, int(h["t_start"]))
+        start = card.clock.now
+        logits = self.executor.step(h)
+        reply = {"clock_ns": card.clock.now, "emu_ns": card.clock.now - start}
+        if logits is not None and h.get("want_output"):
+            reply["shape"] = list(logits.shape)
+            return reply, [logits.numpy()]
+        return reply, []

@@ -1,0 +1,37 @@
+"""Streaming a checkpoint's shards into the cards' weight arenas."""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from rsd_runtime.compiler import CardProgram
+
+
+def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool = True) -> int:
+    """Put every card's shards into its arena (in flight to all cards at once); returns the bytes placed."""
+    by_source: dict[str, list[tuple[int, object]]] = {}
+    for prog in programs:
+        for shard in prog.shards:
+            by_source.setdefault(shard.source, []).append((prog.rank, shard))
+    total = 0
+    with tqdm(total=len(by_source), desc="placing shards", unit="tensor", file=sys.stderr, leave=False,
+              disable=not (progress and sys.stderr.isatty())) as bar:
+        for source, uses in by_source.items():
+            tensor = ckpt.get(source)
+            futs = []
+            for rank, shard in uses:
+                part = shard.extract(tensor)
+                total += part.numel() * part.element_size()
+                futs.append(cluster.control.submit(rank, "put", *_put_fields(shard.name, part)))
+            for f in futs:
+                f.result(120)
+            bar.update(1)
+    return total
+
+
+def _put_fields(name: str, tensor):
+    from interconnect import wire
+
+    dtype, shape, payload = wire.to_wire(tensor)
+    return {"name": name, "dtype": dtype, "shape": shape}, [payload]
