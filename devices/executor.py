@@ -3,8 +3,8 @@
 A step feeds a flat batch of tokens (several sequences, each a prefill chunk
 or one decode token) through the ops the compiler wrote for this card. Buffers
 live in a per-step environment; collectives go to the peer cards directly.
-Every op also advances the card's emulated clock by the cost model; a phantom
-card does only that.
+Every op also advances the card's emulated clock by the cost model
+(``devices.step``); a phantom card does only that (``devices.phantom``).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from devices import rope
 from devices.cost import CostModel
+from devices.step import StepCosts, StepShape
 from interconnect import collectives as coll
 from interconnect.group import ProcessGroup
 
@@ -25,87 +26,63 @@ class Executor:
         self.card = card
         self.ops = program["ops"]
         m = self.meta = program["meta"]
-        self.phantom = card.phantom
         self.group = group
         self.dtype = _TORCH[m["compute_dtype"]]
         self.dtype_name = m["compute_dtype"]
-        self.cost = CostModel(card.spec, m["weight_dtype"], m["compute_dtype"])
         self.h, self.kvh, self.hd = m["num_heads"], m["num_kv_heads"], m["head_dim"]
-        self.hidden = m["hidden_size"]
         self.eps = m["rms_norm_eps"]
         self.window = m.get("sliding_window")
         self.freq = rope.inv_freq(self.hd, m["rope_theta"], m.get("rope_scaling"))
         self.w: dict[str, torch.Tensor] = {}
-        if not self.phantom:
-            for name in card.arena.entries:
-                t = card.arena.tensor(name, as_torch=True)
-                self.w[name] = t if t.dtype == self.dtype else t.to(self.dtype)
-        self.shapes = {name: tuple(e[2]) for name, e in card.arena.entries.items()}
-        self.kv = None if self.phantom else card.kv.tensors()
+        for name in card.arena.entries:
+            t = card.arena.tensor(name, as_torch=True)
+            self.w[name] = t if t.dtype == self.dtype else t.to(self.dtype)
+        cost = CostModel(card.spec, m["weight_dtype"], m["compute_dtype"])
+        self.costs = StepCosts(cost, m, {n: tuple(e[2]) for n, e in card.arena.entries.items()})
+        self.kv = card.kv.tensors()
 
     # -- one step ---------------------------------------------------------------------
     def step(self, h: dict) -> torch.Tensor | None:
-        tokens = torch.tensor(h["tokens"], dtype=torch.int64)
+        self.shape = step = StepShape.parse(h)
         positions = torch.tensor(h["positions"], dtype=torch.int64)
-        self.seqs = [(int(s[0]), int(s[1]), int(s[2]), list(s[3])) for s in h["seqs"]]  # (row, n, pos0, blocks)
-        self.rows = torch.tensor(h["logit_rows"], dtype=torch.int64)
-        self.T = len(h["tokens"])
-        env = {"tokens": tokens, "positions": positions}
-        if not self.phantom:
-            self.cos, self.sin = rope.cos_sin(positions, self.freq, self.dtype)
+        env = {"tokens": torch.tensor(h["tokens"], dtype=torch.int64), "positions": positions}
+        self.seqs, self.T = step.seqs, step.num_tokens
+        self.rows = torch.tensor(step.logit_rows, dtype=torch.int64)
+        self.cos, self.sin = rope.cos_sin(positions, self.freq, self.dtype)
         out = None
         for op in self.ops:
+            cost = self.costs.of(op, step)
+            if cost is not None:
+                self.card.clock.now += self.costs.cost.time_ns(cost)
             out = getattr(self, "op_" + op["op"])(op, env)
         return out
 
-    def _tick(self, cost) -> None:
-        self.card.clock.now += self.cost.time_ns(cost)
-
     def op_embed(self, op, env):
-        v_local, d = self.shapes[op["w"]]
-        self._tick(self.cost.embed(self.T, d))
-        if self.phantom:
-            return
+        v_local = self.w[op["w"]].shape[0]
         local = env["tokens"] - op["vocab_start"]
         inside = (local >= 0) & (local < v_local)
         x = self.w[op["w"]][local.clamp(0, v_local - 1)]
         env[op["out"]] = torch.where(inside[:, None], x, torch.zeros((), dtype=x.dtype))
 
     def op_rmsnorm(self, op, env):
-        self._tick(self.cost.rmsnorm(self.T, self.hidden))
-        if self.phantom:
-            return
         x = env[op["in"]]
         xf = x.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         env[op["out"]] = self.w[op["w"]] * xf.to(x.dtype)
 
     def op_linear(self, op, env):
-        n_out, n_in = self.shapes[op["w"]]
-        rows = len(self.rows) if op["out"] == "logits" else self.T
-        self._tick(self.cost.linear(rows, n_in, n_out, op.get("b") is not None))
-        if self.phantom:
-            return
         env[op["out"]] = F.linear(env[op["in"]], self.w[op["w"]], self.w[op["b"]] if op.get("b") else None)
 
     def op_add(self, op, env):
-        self._tick(self.cost.elementwise(self.T, self.hidden))
-        if not self.phantom:
-            env[op["out"]] = env[op["a"]] + env[op["b"]]
+        env[op["out"]] = env[op["a"]] + env[op["b"]]
 
     def op_silu_mul(self, op, env):
-        self._tick(self.cost.elementwise(self.T, self.meta["intermediate_local"]))
-        if not self.phantom:
-            env[op["out"]] = F.silu(env[op["a"]]) * env[op["b"]]
+        env[op["out"]] = F.silu(env[op["a"]]) * env[op["b"]]
 
     def op_select_rows(self, op, env):
-        if not self.phantom:
-            env[op["out"]] = env[op["in"]][self.rows]
+        env[op["out"]] = env[op["in"]][self.rows]
 
     def op_attention(self, op, env):
-        self._tick(self.cost.attention([(n, p0 + n) for _, n, p0, _ in self.seqs], self.h, self.kvh, self.hd))
-        if self.phantom:
-            return
         T, h, kvh, hd = self.T, self.h, self.kvh, self.hd
         q = rope.apply(env[op["q"]].view(T, h, hd), self.cos, self.sin)
         k = rope.apply(env[op["k"]].view(T, kvh, hd), self.cos, self.sin)
@@ -139,9 +116,6 @@ class Executor:
         return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1)
 
     def op_all_reduce(self, op, env):
-        if self.phantom:
-            coll.all_reduce(np.empty(self.T * self.hidden * self.cost.a, np.uint8), "sum", self.group, dtype="uint8")
-            return
         t = env[op["buf"]].contiguous()
         coll.all_reduce(self._numpy(t), "sum", self.group, dtype=self.dtype_name)
         env[op["buf"]] = t
@@ -149,16 +123,10 @@ class Executor:
     def op_all_gather(self, op, env):
         n, v_local = self.group.size, self.meta["vocab_local"]
         rows = len(self.rows)
-        if self.phantom:
-            piece = np.empty(rows * v_local * self.cost.a, np.uint8)
-            coll.all_gather(np.empty(piece.size * n, np.uint8), piece, self.group, dtype="uint8")
-            return
         t = env[op["buf"]].contiguous()
         out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype)
         coll.all_gather(self._numpy(out), self._numpy(t), self.group, dtype=self.dtype_name)
         env[op["buf"]] = out.permute(1, 0, 2).reshape(rows, n * v_local)
 
     def op_output(self, op, env):
-        if self.phantom:
-            return None
         return env[op["buf"]][:, :op["cols"]].to(torch.float32).contiguous()

@@ -18,16 +18,21 @@ class InferenceOps:
 
     def op_load_program(self, h, frames):
         """Install a command stream; allocate the KV cache it needs (in shared memory)."""
-        import torch
-
-        from devices.executor import Executor
-
-        torch.set_num_threads(int(h.get("threads", 1)))
         card = self.card
         kv = card.install_kv(KVLayout(**h["kv"]))
         meta = h["program"]["meta"]
         group = card.collectives.group(meta["group"]) if len(meta["group"]) > 1 else None
-        self.executor = Executor(card, h["program"], group)
+        if card.phantom:
+            from devices.phantom import PhantomExecutor
+
+            self.executor = PhantomExecutor(card, h["program"], group)
+        else:
+            import torch
+
+            from devices.executor import Executor
+
+            torch.set_num_threads(int(h.get("threads", 1)))
+            self.executor = Executor(card, h["program"], group)
         return {"kv_bytes": kv["nbytes"], "kv_segment": kv["segment"]}, []
 
     def op_step(self, h, frames):

@@ -61,8 +61,9 @@ class Shard:
 
 @dataclass(slots=True)
 class CardProgram:
-    rank: int
+    rank: int  # tp rank
     tp: int
+    card: int  # which card of the cluster runs it
     shards: list[Shard] = field(default_factory=list)
     ops: list[dict] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # what the executor needs beyond the ops
@@ -98,12 +99,16 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
                          f"tp values that work: {', '.join(map(str, ok))}")
 
 
-def compile_model(cfg: ModelConfig, tp: int) -> list[CardProgram]:
+def compile_model(cfg: ModelConfig, tp: int, cards: list[int] | None = None) -> list[CardProgram]:
+    """One program per tp rank; ``cards`` (default 0..tp-1) are the cluster cards of this instance."""
     check_tp(cfg, tp)
-    return [_card_program(cfg, tp, r) for r in range(tp)]
+    cards = list(range(tp)) if cards is None else list(cards)
+    if len(cards) != tp:
+        raise SplitError(f"{len(cards)} cards given for tp={tp}")
+    return [_card_program(cfg, tp, r, cards) for r in range(tp)]
 
 
-def _card_program(cfg: ModelConfig, tp: int, r: int) -> CardProgram:
+def _card_program(cfg: ModelConfig, tp: int, r: int, cards: list[int]) -> CardProgram:
     hd = cfg.head_dim
     h_local = cfg.num_heads // tp
     if tp <= cfg.num_kv_heads:
@@ -113,7 +118,7 @@ def _card_program(cfg: ModelConfig, tp: int, r: int) -> CardProgram:
     i_local = cfg.intermediate_size // tp
     v_local = -(-cfg.vocab_size // tp)
     v_start, v_end = min(r * v_local, cfg.vocab_size), min((r + 1) * v_local, cfg.vocab_size)
-    prog = CardProgram(rank=r, tp=tp)
+    prog = CardProgram(rank=r, tp=tp, card=cards[r])
     add = prog.shards.append
 
     def rows(name, src, start, end, size=None):
@@ -187,5 +192,5 @@ def _card_program(cfg: ModelConfig, tp: int, r: int) -> CardProgram:
     prog.meta = {"num_heads": h_local, "num_kv_heads": kv_local, "head_dim": hd, "vocab_local": v_local,
                  "intermediate_local": i_local, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
                  "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-                 "sliding_window": cfg.sliding_window, "group": list(range(tp))}
+                 "sliding_window": cfg.sliding_window, "group": cards}
     return prog

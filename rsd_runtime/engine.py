@@ -21,8 +21,8 @@ import torch
 from rsd_runtime.block_manager import BlockManager
 from rsd_runtime.checkpoint import load_checkpoint
 from rsd_runtime.cluster import Cluster
-from rsd_runtime.compiler import check_tp, compile_model
-from rsd_runtime.loader import load_weights
+from rsd_runtime.compiler import check_tp
+from rsd_runtime.deploy import deploy
 from rsd_runtime.sampling import Sampler, SamplingParams, make_generator
 from rsd_runtime.scheduler import Batch, Scheduler
 from rsd_runtime.sequence import Sequence
@@ -35,24 +35,27 @@ class LLMEngine:
     def __init__(self, model: str, tp: int = 1, *, device: str = "atom-plus", dtype: str | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, chunk_size: int = 256, max_model_len: int | None = None,
-                 progress: bool = True, **cluster_kwargs):
-        self.ckpt = load_checkpoint(model, progress=progress)  # bad checkpoints fail before any card starts
-        cfg = self.cfg = self.ckpt.config
+                 progress: bool = True, phantom: bool = False, **cluster_kwargs):
+        # bad checkpoints and impossible splits fail before any card starts
+        self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress)
+        self.cfg = cfg
         check_tp(cfg, tp)
         self.tp = tp
+        self.phantom = phantom
         self.dtype = dtype or cfg.dtype
+        weight_dtype = self.ckpt.dtype("model.embed_tokens.weight") if self.ckpt else cfg.dtype
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks or -(-max_num_seqs * min(self.max_model_len, 1024) // block_size)
-        self.tokenizer = Tokenizer.from_file(self.ckpt.tokenizer_path) if self.ckpt.tokenizer_path else None
+        self.tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             self.eos_ids.add(self.tokenizer.eos_id)
-        programs = compile_model(cfg, tp)
-        self.cluster = Cluster(num_devices=tp, device=device, **cluster_kwargs).start()
+        self.cluster = Cluster(num_devices=tp, device=device, phantom=phantom, **cluster_kwargs).start()
         try:
-            load_weights(self.cluster, self.ckpt, programs, progress=progress)
-            self._load_programs(programs)
+            deploy(self.cluster, cfg, tp, list(range(tp)), ckpt=self.ckpt, dtype=self.dtype,
+                   weight_dtype=weight_dtype, num_kv_blocks=self.num_kv_blocks, block_size=block_size,
+                   progress=progress)
         except BaseException:
             self.cluster.shutdown()
             raise
@@ -63,20 +66,8 @@ class LLMEngine:
         self.generators: dict[int, torch.Generator | None] = {}
         self.next_id = 0
         self.emu_now = 0  # host's emulated clock, ns
+        self.step_times: list[int] = []  # emulated duration of every step, ns
         self.metrics: dict[int, dict] = {}
-
-    def _load_programs(self, programs) -> None:
-        cfg = self.cfg
-        futs = []
-        for prog in programs:
-            meta = {**prog.meta, "compute_dtype": self.dtype, "weight_dtype": self.ckpt.dtype(
-                "model.embed_tokens.weight")}
-            kv = {"num_layers": cfg.num_layers, "num_blocks": self.num_kv_blocks, "block_size": self.block_size,
-                  "num_kv_heads": prog.meta["num_kv_heads"], "head_dim": cfg.head_dim, "dtype": self.dtype}
-            futs.append(self.cluster.control.submit(prog.rank, "load_program",
-                                                    {"program": {"ops": prog.ops, "meta": meta}, "kv": kv}))
-        for f in futs:
-            f.result(120)
 
     # -- requests ----------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
@@ -134,10 +125,12 @@ class LLMEngine:
                   "logit_rows": rows}
         futs = [self.cluster.control.submit(c, "step", {**fields, "want_output": c == 0}) for c in range(self.tp)]
         replies = [f.result() for f in futs]
-        self.emu_now = max(h["clock_ns"] for h, _ in replies)
+        end = max(h["clock_ns"] for h, _ in replies)
+        self.step_times.append(end - self.emu_now)
+        self.emu_now = end
         header, frames = replies[0]
-        if not rows:
-            return torch.empty(0, self.cfg.vocab_size)
+        if not rows or self.phantom:  # phantom cards compute nothing: greedy sampling sees token 0
+            return torch.zeros(len(rows), self.cfg.vocab_size)
         return torch.frombuffer(bytearray(frames[0].buffer), dtype=torch.float32).view(*header["shape"])
 
     def prefill_logits(self, prompt_ids: list[int]) -> torch.Tensor:
@@ -156,3 +149,30 @@ class LLMEngine:
 
     def close(self) -> None:
         self.cluster.shutdown()
+
+
+def resolve_model(model: str, phantom: bool, progress: bool = True):
+    """(checkpoint or None, ModelConfig, tokenizer.json path or None).
+
+    A phantom run needs only the shape of a model: a preset name (llama3-8b, ...) or a
+    directory's config.json; its weights, if any, are not read.
+    """
+    import json
+    from pathlib import Path
+
+    from rsd_runtime.model_config import MODEL_PRESETS, ModelConfig
+
+    if phantom:
+        if model in MODEL_PRESETS:
+            return None, MODEL_PRESETS[model], None
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{model!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) "
+                             f"nor a directory with a config.json")
+        tok = path / "tokenizer.json"
+        return None, ModelConfig.from_hf(json.loads((path / "config.json").read_text())), (
+            tok if tok.is_file() else None)
+    if model in MODEL_PRESETS:
+        raise ValueError(f"{model!r} is a shape preset without weights: run it with phantom cards (--phantom)")
+    ckpt = load_checkpoint(model, progress=progress)
+    return ckpt, ckpt.config, ckpt.tokenizer_path

@@ -13,17 +13,17 @@ def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool =
     by_source: dict[str, list[tuple[int, object]]] = {}
     for prog in programs:
         for shard in prog.shards:
-            by_source.setdefault(shard.source, []).append((prog.rank, shard))
+            by_source.setdefault(shard.source, []).append((prog.card, shard))
     total = 0
     with tqdm(total=len(by_source), desc="placing shards", unit="tensor", file=sys.stderr, leave=False,
               disable=not (progress and sys.stderr.isatty())) as bar:
         for source, uses in by_source.items():
             tensor = ckpt.get(source)
             futs = []
-            for rank, shard in uses:
+            for card, shard in uses:
                 part = shard.extract(tensor)
                 total += part.numel() * part.element_size()
-                futs.append(cluster.control.submit(rank, "put", *_put_fields(shard.name, part)))
+                futs.append(cluster.control.submit(card, "put", *_put_fields(shard.name, part)))
             for f in futs:
                 f.result(120)
             bar.update(1)
@@ -35,3 +35,13 @@ def _put_fields(name: str, tensor):
 
     dtype, shape, payload = wire.to_wire(tensor)
     return {"name": name, "dtype": dtype, "shape": shape}, [payload]
+
+
+def place_phantom(cluster, cfg, programs: list[CardProgram], dtype: str) -> None:
+    """Phantom cards: account for every shard at its nominal size; no bytes move."""
+    shapes = cfg.tensor_shapes()
+    futs = [cluster.control.submit(prog.card, "put", {"name": s.name, "dtype": dtype,
+                                                      "shape": list(s.shape(shapes[s.source]))})
+            for prog in programs for s in prog.shards]
+    for f in futs:
+        f.result(120)
