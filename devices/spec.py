@@ -98,7 +98,46 @@ PRESETS: dict[str, DeviceSpec] = {
 
 
 def get_spec(name: str) -> DeviceSpec:
+    """A preset by name, or a custom card from a TOML file (``--device my-card.toml``)."""
+    if name.endswith(".toml"):
+        return load_spec_file(name)
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown device preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown device preset {name!r}; known presets: {', '.join(PRESETS)} "
+                         f"(or a .toml file describing a card)") from None
+
+
+def load_spec_file(path: str) -> DeviceSpec:
+    """A custom card. Sizes in bytes, rates in per-second units; ``base = "atom-plus"`` starts from a preset::
+
+        name = "atom-max"
+        base = "atom-plus"
+        memory_bytes = 68719476736
+        [peak_ops]
+        bfloat16 = 64e12
+    """
+    import tomllib
+    from dataclasses import replace
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"no device file at {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    base = doc.pop("base", None)
+    fields = set(DeviceSpec.__dataclass_fields__)
+    unknown = sorted(set(doc) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {unknown}; known: {sorted(fields)}")
+    try:
+        if base is not None:
+            start = get_spec(base)
+            if "peak_ops" in doc:
+                doc["peak_ops"] = {**start.peak_ops, **doc["peak_ops"]}
+            return replace(start, **{"name": doc.pop("name", f"{base}-custom"), **doc})
+        return DeviceSpec(**doc)
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -147,7 +147,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode"}
+BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode",
+              "inference": "bench.inference"}
 
 
 def _bench_args(p):
@@ -155,7 +156,8 @@ def _bench_args(p):
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see: rsd-launch bench NAME --help)")
 
 
-@command("bench", "run a benchmark program (collectives, launch); options after its name go to it", _bench_args)
+@command("bench", "run a benchmark program (collectives, inference, decode, launch); options after its name go "
+                  "to it", _bench_args)
 def cmd_bench(args) -> int:
     import importlib
 

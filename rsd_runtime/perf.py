@@ -1,0 +1,156 @@
+"""Emulated performance of a model on phantom cards: instances, steps, and what a batch costs.
+
+``PerfRunner`` puts ``instances`` independent tensor-parallel copies of a model
+on ``tp x instances`` phantom cards and runs synthetic steps on all of them at
+once; a step's emulated time is the slowest instance's. ``batch_timing`` turns
+steps into TTFT, TPOT and throughput for a static batch:
+
+* all B prompts arrive at clock 0 and are prefilled in steps of at most
+  ``chunk`` tokens (chunked prefill, packed in arrival order); a sequence's
+  first token is out when its last prefill chunk ends;
+* then the B sequences decode together, one token each per step, until each
+  has ``output_len`` tokens.
+
+Two exact shortcuts keep this fast: a step whose shape (tokens and positions
+of every sequence) was run before is not run again, since emulated times
+repeat exactly; and decode steps are run at ``decode_samples`` context lengths
+and interpolated linearly in between, the cost of a decode step being linear
+in the context length for a fixed batch except where attention changes from
+memory- to compute-bound (``decode_samples=0`` runs every step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devices.memory import OutOfDeviceMemory, fmt_bytes
+from devices.spec import get_spec
+from rsd_runtime.cluster import Cluster
+from rsd_runtime.compiler import check_tp
+from rsd_runtime.deploy import deploy, kv_block_bytes, max_kv_blocks
+from rsd_runtime.engine import resolve_model
+
+
+class PerfRunner:
+    def __init__(self, model: str, *, tp: int, instances: int = 1, device: str = "atom-plus",
+                 dtype: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_utilization: float = 0.9, **cluster_kwargs):
+        _, cfg, _ = resolve_model(model, phantom=True)
+        check_tp(cfg, tp)
+        self.cfg, self.tp, self.instances = cfg, tp, instances
+        self.spec = get_spec(device)
+        self.dtype = dtype or cfg.dtype
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks if num_kv_blocks is not None else max_kv_blocks(
+            cfg, tp, self.spec, cfg.dtype, self.dtype, block_size, kv_utilization)
+        if self.num_kv_blocks < 1:
+            raise OutOfDeviceMemory(f"card 0: the weights of this model at tp={tp} leave no room for a KV cache "
+                                    f"in {kv_utilization:.0%} of {fmt_bytes(self.spec.memory_bytes)}; use a larger tp")
+        self.cluster = Cluster(num_devices=tp * instances, device=self.spec, phantom=True, **cluster_kwargs).start()
+        try:
+            for i in range(instances):
+                deploy(self.cluster, cfg, tp, list(range(i * tp, (i + 1) * tp)), dtype=self.dtype,
+                       weight_dtype=cfg.dtype, num_kv_blocks=self.num_kv_blocks, block_size=block_size)
+        except BaseException:
+            self.cluster.shutdown()
+            raise
+        self.emu_now = 0
+        self._cache: dict[tuple, int] = {}
+        self.steps_run = 0
+
+    @property
+    def num_cards(self) -> int:
+        return self.tp * self.instances
+
+    def kv_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+    def step(self, seqs: list[tuple[int, int]]) -> int:
+        """Emulated ns of one step feeding (tokens, first position) per sequence; each samples."""
+        key = tuple(seqs)
+        if key in self._cache:
+            return self._cache[key]
+        rows, layout, row = [], [], 0
+        for n, p0 in seqs:
+            layout.append([row, n, p0, []])
+            rows.append(row + n - 1)
+            row += n
+        fields = {"t_start": self.emu_now, "tokens": [], "positions": [], "seqs": layout, "logit_rows": rows}
+        futs = [self.cluster.control.submit(c, "step", fields) for c in range(self.num_cards)]
+        end = max(f.result()[0]["clock_ns"] for f in futs)
+        self._cache[key] = took = end - self.emu_now
+        self.emu_now = end
+        self.steps_run += 1
+        return took
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+    def __enter__(self) -> "PerfRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(slots=True)
+class BatchTiming:
+    batch: int
+    ttft_ns: float  # mean over the batch
+    tpot_ns: float  # decode time / (output_len - 1)
+    total_ns: int  # first prompt in to last token out
+    output_tokens: int  # per instance
+
+    def tps(self, instances: int) -> float:
+        return instances * self.output_tokens / (self.total_ns * 1e-9)
+
+
+def batch_timing(runner: PerfRunner, batch: int, input_len: int, output_len: int, *, chunk: int = 2048,
+                 decode_samples: int = 5) -> BatchTiming:
+    need = -(-(input_len + output_len) // runner.block_size) * batch
+    if need > runner.num_kv_blocks:
+        per_block = kv_block_bytes(runner.cfg, runner.tp, runner.block_size, 2 if runner.dtype != "float32" else 4)
+        raise OutOfDeviceMemory(
+            f"card 0: a batch of {batch} x {input_len + output_len} tokens needs {need} KV blocks "
+            f"({fmt_bytes(need * per_block)}); the card has room for {runner.num_kv_blocks} "
+            f"(missing {fmt_bytes((need - runner.num_kv_blocks) * per_block)})")
+    t, first_token = 0, []
+    for step in _prefill_steps(batch, input_len, chunk):
+        t += runner.step([(n, p0) for _, n, p0 in step])
+        first_token += [t for s, n, p0 in step if p0 + n == input_len]
+    decode = _decode_total(runner, batch, input_len, output_len, decode_samples)
+    return BatchTiming(batch, sum(first_token) / batch, decode / max(output_len - 1, 1), t + decode,
+                       batch * output_len)
+
+
+def _prefill_steps(batch: int, input_len: int, chunk: int):
+    """Pack the B prompts, in order, into steps of at most ``chunk`` tokens: [(seq, tokens, first position)]."""
+    steps, cur, room = [], [], chunk
+    for s in range(batch):
+        p0 = 0
+        while p0 < input_len:
+            n = min(input_len - p0, room)
+            cur.append((s, n, p0))
+            p0 += n
+            room -= n
+            if room == 0:
+                steps.append(cur)
+                cur, room = [], chunk
+    if cur:
+        steps.append(cur)
+    return steps
+
+
+def _decode_total(runner: PerfRunner, batch: int, input_len: int, output_len: int, samples: int) -> float:
+    """Sum of the decode steps k = 0 .. output_len-2 (token k+1 written at position input_len + k)."""
+    n = output_len - 1
+    if n <= 0:
+        return 0.0
+    if samples <= 0 or samples >= n:
+        return float(sum(runner.step([(1, input_len + k)] * batch) for k in range(n)))
+    points = sorted({round(i * (n - 1) / (samples - 1)) for i in range(samples)})
+    times = {k: runner.step([(1, input_len + k)] * batch) for k in points}
+    total = 0.0
+    for a, b in zip(points, points[1:]):  # trapezoids over [a, b), exact where the cost is linear
+        for k in range(a, b):
+            total += times[a] + (times[b] - times[a]) * (k - a) / (b - a)
+    return total + times[points[-1]]
