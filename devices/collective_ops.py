@@ -150,6 +150,13 @@ def run(kind: str, g: ProcessGroup, data: np.ndarray, dtype: str, algo: str, red
     if kind == "barrier":
         coll.barrier(g)
         return data[:0]
+    if kind == "exchange":  # non-blocking: post the receive and the send, then wait on both
+        out = np.empty_like(data)
+        incoming = coll.irecv(out, (g.rank - 1) % g.size, g, tag, dtype=dtype)
+        outgoing = coll.isend(data, (g.rank + 1) % g.size, g, tag)
+        incoming.wait()
+        outgoing.wait()
+        return out
     if kind == "send":
         coll.send(data, peer, g, tag)
         return data[:0]

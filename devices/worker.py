@@ -47,6 +47,7 @@ class Card:
         self.run_name = args.run
         self.spec = spec
         self.phantom = args.phantom
+        self.slowdown = args.slowdown
         self.state = "starting"
         self.clock = Clock()  # emulated clock, integer nanoseconds
         self.fabric: Fabric | None = None
@@ -159,7 +160,7 @@ class Card:
             window = Window(name, FABRIC_WINDOW_BYTES)
         self.fabric = Fabric(ctx, self.card, secret, self.clock, bind=fabric_bind, window=window,
                              peer_window_name=lambda c: segment_name(self.run_name, c, "fabric"),
-                             phantom=self.phantom, abort_check=self._abort_check)
+                             phantom=self.phantom, abort_check=self._abort_check, slowdown=self.slowdown)
         self.authenticator = authenticator
         sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
         sock.setsockopt(zmq.IDENTITY, f"card{self.card}".encode())
@@ -269,6 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--phantom", action="store_true", help="keep no real bytes, only account for them")
     p.add_argument("--heartbeat", type=float, default=0.25, help="seconds between heartbeats")
     p.add_argument("--fabric-bind", required=True, help="ZeroMQ address the card's fabric socket binds")
+    p.add_argument("--slowdown", type=float, default=0.0,
+                   help="real-time shaping: deliveries wait for the link model's time x this factor (0: off)")
     return p.parse_args(argv)
 
 

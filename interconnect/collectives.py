@@ -123,14 +123,36 @@ def barrier(group: ProcessGroup = None) -> None:
     all_reduce(token, ReduceOp.SUM, group, dtype="int32", algo="tree" if group.size > 2 else "one-shot")
 
 
+def isend(buf: np.ndarray, dst: int, group: ProcessGroup = None, tag: int = 0):
+    """Start sending ``buf`` to group rank ``dst``; ``buf`` may be reused once ``.wait()`` returns."""
+    return group.send(dst, group.tag(0, 1 << 30, tag), buf)
+
+
 def send(buf: np.ndarray, dst: int, group: ProcessGroup = None, tag: int = 0) -> None:
     """Send ``buf`` to group rank ``dst``; returns when ``buf`` may be reused."""
-    group.send(dst, group.tag(0, 1 << 30, tag), buf).wait()
+    isend(buf, dst, group, tag).wait()
+
+
+class _RecvInto:
+    def __init__(self, group, src, tag, buf, dtype):
+        self.group, self.src, self.tag, self.buf, self.dtype = group, src, tag, buf, dtype
+
+    def wait(self) -> np.ndarray:
+        self.group.recv_into(self.src, self.tag, self.buf, self.dtype)
+        return self.buf
+
+
+def irecv(buf: np.ndarray, src: int, group: ProcessGroup = None, tag: int = 0, *, dtype: str) -> _RecvInto:
+    """A receive into ``buf`` from group rank ``src``; ``buf`` holds the data once ``.wait()`` returns.
+
+    Messages wait on the receiving card until asked for, so a late ``wait`` loses nothing.
+    """
+    return _RecvInto(group, src, group.tag(0, 1 << 30, tag), buf, dtype)
 
 
 def recv(buf: np.ndarray, src: int, group: ProcessGroup = None, tag: int = 0, *, dtype: str) -> None:
     """Receive into ``buf`` what group rank ``src`` sent with the same ``tag``."""
-    group.recv_into(src, group.tag(0, 1 << 30, tag), buf, dtype)
+    irecv(buf, src, group, tag, dtype=dtype).wait()
 
 
 def _check_root(root: int, group: ProcessGroup) -> None:

@@ -16,6 +16,10 @@ Payloads travel one of three ways, none of which changes the emulated clock:
 * large, without a window (tcp across hosts): handed to ZeroMQ without a copy
   and tracked.
 
+Real-time shaping (``slowdown`` > 0, for demos and for testing behaviour under
+slow links) delays each delivery until the wall clock has caught up with the
+link model times ``slowdown``; it never changes the emulated clock.
+
 Buffer reuse: ``SendHandle.wait()`` returns only when the sender may
 overwrite the payload's buffer (ZeroMQ let go of it, or the receiver
 acknowledged reading it from the window); overwriting earlier corrupts what
@@ -70,6 +74,7 @@ class Message:
     frame: zmq.Frame | None = None
     shm: tuple | None = None  # (offset, token) in the sender's window
     data: np.ndarray | None = None  # uint8 view of the payload
+    sent: tuple | None = None  # (emulated, wall) time of sending, when real-time shaping is on
 
     def array(self, dtype: str) -> np.ndarray:
         """The payload as a flat read-only array in the storage dtype of ``dtype``."""
@@ -90,12 +95,23 @@ class SendHandle:
             self.fabric._wait_ack(self.token)
 
 
+class RecvHandle:
+    __slots__ = ("fabric", "src", "tag", "reduce")
+
+    def __init__(self, fabric, src, tag, reduce):
+        self.fabric, self.src, self.tag, self.reduce = fabric, src, tag, reduce
+
+    def wait(self) -> Message:
+        return self.fabric.recv(self.src, self.tag, reduce=self.reduce)
+
+
 class Fabric:
     def __init__(self, ctx: zmq.Context, rank: int, secret: str, clock: Clock, *, bind: str,
                  window: Window | None = None, peer_window_name: Callable[[int], str] | None = None,
                  phantom: bool = False, copy_threshold: int = 64 << 10, recv_timeout: float = 120.0,
-                 abort_check: Callable[[], None] | None = None, spin_s: float = SPIN_S):
+                 abort_check: Callable[[], None] | None = None, spin_s: float = SPIN_S, slowdown: float = 0.0):
         self.spin_s = spin_s
+        self.slowdown = slowdown  # > 0: real-time shaping, wall time = emulated transit x slowdown
         self.ctx, self.rank, self.secret, self.clock = ctx, rank, secret, clock
         self.ports: PortClock | None = None
         self.phantom = phantom
@@ -159,6 +175,8 @@ class Fabric:
             nbytes = payload.nbytes
         head = {"op": "p2p", "src": self.rank, "tag": list(tag), "nbytes": int(nbytes),
                 **self.ports.depart(self.clock.now, dst, int(nbytes), flows)}
+        if self.slowdown:
+            head["sent"] = [self.clock.now, time.time()]
         sock = self._sock(dst)
         self.bytes_sent += int(nbytes)
         if payload is None or self.phantom or not payload.nbytes:
@@ -209,11 +227,25 @@ class Fabric:
         ``reduce``, past reducing it into a local buffer). Call ``done(msg)`` once its data is used."""
         msg = self._match(src, tuple(tag))
         arrival = self.ports.arrive(msg.stamp)
+        if self.slowdown and msg.sent is not None:
+            self._shape(msg.sent, arrival)
         if reduce:
             self.clock.now = self.ports.reduce_done(self.clock.now, arrival, msg.stamp["occ"], msg.nbytes)
         else:
             self.clock.now = max(self.clock.now, arrival)
         return msg
+
+    def irecv(self, src: int, tag: tuple, *, reduce: bool = False) -> "RecvHandle":
+        """A receive to complete later with ``.wait()``; receives complete in the order waited on."""
+        return RecvHandle(self, src, tuple(tag), reduce)
+
+    def _shape(self, sent: tuple, arrival: int) -> None:
+        """Real-time shaping: deliver no earlier, on the wall clock, than the link model says,
+        stretched by ``slowdown`` (sender's wall time of sending + emulated transit x slowdown)."""
+        emu_sent, wall_sent = sent
+        wait = wall_sent + (arrival - emu_sent) * 1e-9 * self.slowdown - time.time()
+        if wait > 0:
+            time.sleep(wait)
 
     def done(self, msg: Message) -> None:
         """The receiver no longer needs the payload: a window region goes back to its sender."""
@@ -273,6 +305,8 @@ class Fabric:
             raise wire.WireError(f"unexpected op {h['op']!r} with {len(frames) - 1} payload frames")
         msg = Message(int(h["src"]), tuple(h["tag"]), int(h["nbytes"]),
                       {"start": int(h["start"]), "occ": int(h["occ"]), "lat": int(h["lat"])})
+        if "sent" in h:
+            msg.sent = (int(h["sent"][0]), float(h["sent"][1]))
         if len(frames) == 2:
             msg.frame = frames[1]
             msg.data = np.frombuffer(frames[1].buffer, np.uint8)

@@ -50,7 +50,7 @@ class Cluster:
                  shm_prefix: str = shm.DEFAULT_PREFIX, start_timeout: float = 60.0,
                  heartbeat_timeout: float = 10.0, card_log_level: str | None = None,
                  topology: str = "switch", link: str = "pcie-gen5-x16", topology_options: dict | None = None,
-                 transport: str = "ipc", tcp_host: str = "127.0.0.1"):
+                 transport: str = "ipc", tcp_host: str = "127.0.0.1", slowdown: float = 0.0):
         if not isinstance(num_devices, int) or num_devices < 1:
             raise ClusterError(f"num_devices must be a whole number >= 1, got {num_devices!r}")
         if num_devices > MAX_DEVICES:
@@ -73,6 +73,9 @@ class Cluster:
             raise ClusterError(f"unknown transport {transport!r}; known: ipc, tcp")
         self.transport = transport
         self.tcp_host = tcp_host
+        if slowdown < 0:
+            raise ClusterError(f"slowdown must be >= 0 (0: no real-time shaping), got {slowdown}")
+        self.slowdown = slowdown
         self.phantom = phantom
         self.shm_prefix = shm.check_prefix(shm_prefix)
         self.start_timeout = start_timeout
@@ -123,7 +126,7 @@ class Cluster:
         bind = f"ipc://{self.run_dir}/fabric{card}" if self.transport == "ipc" else f"tcp://{self.tcp_host}:*"
         return spawn_card(card, run=self.run_name, control=f"ipc://{self.run_dir}/control", secret=self._secret,
                           spec=spec, run_dir=self.run_dir, fabric_bind=bind, attach=attach, phantom=self.phantom,
-                          log_level=self.card_log_level)
+                          log_level=self.card_log_level, slowdown=self.slowdown)
 
     def _fabric_init(self, cards) -> None:
         """Tell every card its peers' fabric endpoints and the link model."""

@@ -44,7 +44,7 @@ class CardProcess:
 
 def spawn_card(card: int, *, run: str, control: str, secret: str, spec: str, run_dir: Path,
                fabric_bind: str, attach: bool = False, phantom: bool = False, heartbeat_s: float = 0.25,
-               log_level: str | None = None) -> CardProcess:
+               log_level: str | None = None, slowdown: float = 0.0) -> CardProcess:
     """Start one card in a fresh interpreter (spawn, not fork)."""
     cmd = [sys.executable, "-m", "devices", "--run", run, "--card", str(card), "--control", control,
            "--spec", spec, "--heartbeat", str(heartbeat_s), "--fabric-bind", fabric_bind]
@@ -52,6 +52,8 @@ def spawn_card(card: int, *, run: str, control: str, secret: str, spec: str, run
         cmd.append("--attach")
     if phantom:
         cmd.append("--phantom")
+    if slowdown:
+        cmd += ["--slowdown", str(slowdown)]
     env = dict(os.environ)
     env[SECRET_ENV] = secret
     env[HOST_PID_ENV] = str(os.getpid())

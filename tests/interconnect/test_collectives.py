@@ -123,3 +123,27 @@ def test_send_recv_between_cards(cluster):
     header, frames = fut_recv.result(30)
     np.testing.assert_array_equal(np.frombuffer(frames[0].buffer, np.float32), payload.numpy())
     assert header["emu_ns"] > 0
+
+
+def test_isend_irecv_ring_exchange(cluster):
+    """Every card posts a receive from its left and a send to its right before waiting on either."""
+    group = [2, 5, 0, 7]
+    ins = [torch.full((200_000,), float(i)) for i in range(4)]
+    res = cluster.collective("exchange", ins, group=group)
+    for r, out in enumerate(res["outputs"]):
+        assert torch.equal(torch.as_tensor(out), ins[(r - 1) % 4])
+
+
+def test_real_time_shaping_follows_the_link_model(shm_prefix):
+    """With slowdown s, a delivery takes at least s x its emulated transit on the wall clock."""
+    payload = [np.arange(2 << 20, dtype=np.float32), np.zeros(2 << 20, np.float32)]  # 8 MiB
+    with Cluster(num_devices=2, shm_prefix=shm_prefix, slowdown=1000.0) as c:
+        shaped = c.collective("broadcast", payload, algo="one-shot")
+    with Cluster(num_devices=2, shm_prefix=shm_prefix) as c:
+        plain = c.collective("broadcast", payload, algo="one-shot")
+    assert shaped["emu_ns"] == plain["emu_ns"]  # shaping never touches the emulated clock
+    emu = shaped["emu_ns"][1]  # 8 MiB over pcie-gen5-x16: about 152 us
+    assert 150_000 < emu < 160_000
+    assert shaped["wall_ns"][1] >= 0.95 * emu * 1000  # >= 144 ms of wall time
+    assert plain["wall_ns"][1] < 0.5 * emu * 1000
+    np.testing.assert_array_equal(shaped["outputs"][1], payload[0])

@@ -39,3 +39,13 @@ def test_phantom_preset_too_big_for_the_card_is_refused(shm_prefix):
 def test_real_weights_are_needed_without_phantom(shm_prefix):
     with pytest.raises(ValueError, match="shape preset without weights"):
         LLM(model="llama3-8b", tensor_parallel_size=4, shm_prefix=shm_prefix, progress=False)
+
+
+def test_interpolated_decode_equals_every_step_run(shm_prefix):
+    from rsd_runtime.perf import PerfRunner, batch_timing
+
+    with PerfRunner("llama3-8b", tp=2, instances=1, shm_prefix=shm_prefix) as runner:
+        sampled = batch_timing(runner, 4, 300, 24, decode_samples=4)
+        exact = batch_timing(runner, 4, 300, 24, decode_samples=0)
+        assert runner.steps_run == 1 + 23  # the prefill and each of the 23 decode steps once: repeats are not rerun
+    assert sampled.total_ns == exact.total_ns and sampled.tpot_ns == exact.tpot_ns
