@@ -40,7 +40,7 @@ import zmq
 
 from interconnect import auth, wire
 from interconnect.emulation import PortClock
-from interconnect.window import PeerWindows, Window
+from interconnect.window import PeerWindows, Window, WindowFull
 
 log = logging.getLogger("rsd.fabric")
 # How long a waiting card polls before it sleeps; measured with bench/collectives.py on 2 cores
@@ -204,8 +204,6 @@ class Fabric:
         return SendHandle() if staged else SendHandle(self, token=token)
 
     def _alloc(self, nbytes: int) -> int:
-        from interconnect.window import WindowFull
-
         while True:
             try:
                 return self.window.alloc(nbytes)
