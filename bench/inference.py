@@ -182,7 +182,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     print(f"# wall time {wall:.1f} s")
     if args.json:
-        write_json(args.json, "inference", {k: v for k, v in vars(args).items() if k != "json"}, rows,
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        config["batch_size"] = [r["batch"] for r in rows]  # as run (a sweep chooses them)
+        write_json(args.json, "inference", config, rows,
                    best=best, scaling=scale, device=spec.to_dict(), wall_s=wall)
         print(f"# wrote {args.json}")
     if args.plot:

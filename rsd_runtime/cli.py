@@ -95,19 +95,19 @@ def cmd_sweep(args) -> int:
 
 
 def _generate_args(p):
-    p.add_argument("--model", help="Hugging Face model directory (default: the built-in tiny model)")
+    p.add_argument("--model", help="Hugging Face model directory; none: the built-in tiny model")
     p.add_argument("--tp", type=int, default=4, help="tensor-parallel degree: the number of cards")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", help="prompt token ids, comma separated (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 samples greedily")
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (-1: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
+    p.add_argument("--seed", type=int, default=None, help="seed of the request's own generator")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; none: the checkpoint's")
 
 
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
              phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json) as llm:
         stream = None
         if not args.json and len(prompts) == 1:
-            stream = lambda i, tok, text: print(text, end="", flush=True)  # noqa: E731
+            stream = lambda i, tok, text: print(printable(text), end="", flush=True)  # noqa: E731
             if isinstance(prompts[0], str):
                 print(prompts[0], end="", flush=True)
         outs = llm.generate(prompts, params, on_token=stream)
@@ -137,7 +137,8 @@ def cmd_generate(args) -> int:
         return 0
     for o in outs:
         if stream is None:
-            print(f"[{o.request_id}] {o.prompt or o.prompt_token_ids}{o.text if o.text is not None else o.token_ids}")
+            shown = printable(o.text) if o.text is not None else o.token_ids
+            print(f"[{o.request_id}] {o.prompt or o.prompt_token_ids}{shown}")
         else:
             print(flush=True)
         m = o.metrics
@@ -145,6 +146,11 @@ def cmd_generate(args) -> int:
               f"TPOT {m['tpot_s'] * 1e3:.2f} ms | emulated ({args.tp} x {spec}): TTFT {m['emu_ttft_s'] * 1e6:.1f} us, "
               f"TPOT {m['emu_tpot_s'] * 1e6:.2f} us", file=sys.stderr)
     return 0
+
+
+def printable(text: str) -> str:
+    """Control characters a model may emit would drive the terminal: show them as escapes."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode",
