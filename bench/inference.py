@@ -125,7 +125,7 @@ def scaling(args, spec, best_by_tp: dict[int, dict]) -> list[dict]:
             rows.append({"tp": tp, "instances": inst, "cards": cards, "batch": best["batch"], "emu_tps": tps,
                          "emu_tps_per_card": tps / cards, "emu_tps_per_watt": tps / power_w(args, spec, cards),
                          "measured": inst == best["instances"]})
-    print(f"\n# scaling at each tp's best batch [emulated clock]")
+    print("\n# scaling at each tp's best batch [emulated clock]")
     print(f"{'cards':>6} {'tp':>4} {'inst':>5} {'batch':>6} {'TPS':>10} {'TPS/card':>9} {'TPS/W':>8}  run")
     for r in rows:
         print(f"{r['cards']:>6} {r['tp']:>4} {r['instances']:>5} {r['batch']:>6} {r['emu_tps']:>10.1f} "

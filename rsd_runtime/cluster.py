@@ -268,9 +268,13 @@ class Cluster:
 
     def put(self, card: int, name: str, tensor) -> dict:
         """Place ``tensor`` (numpy or torch) into card ``card``'s arena under ``name``."""
+        return self.put_async(card, name, tensor).result()[0]
+
+    def put_async(self, card: int, name: str, tensor):
+        """``put`` without waiting: a future of the card's reply (puts to several cards overlap)."""
+        self._check_card(card)
         dtype, shape, payload = wire.to_wire(tensor)
-        header, _ = self.call(card, "put", [payload], name=name, dtype=dtype, shape=shape)
-        return header
+        return self.control.submit(card, "put", {"name": name, "dtype": dtype, "shape": shape}, [payload])
 
     def get(self, card: int, name: str, *, as_torch: bool | None = None):
         """Read tensor ``name`` back through card ``card`` (a copy owned by the caller)."""

@@ -69,6 +69,13 @@ class CardProgram:
     meta: dict = field(default_factory=dict)  # what the executor needs beyond the ops
 
 
+def kv_heads_of(cfg: ModelConfig, tp: int, r: int = 0) -> tuple[int, int]:
+    """(kv heads held, first kv head) on tp rank r: split when tp divides them, else replicated."""
+    if tp <= cfg.num_kv_heads:
+        return cfg.num_kv_heads // tp, r * (cfg.num_kv_heads // tp)
+    return 1, r // (tp // cfg.num_kv_heads)
+
+
 def valid_tp(cfg: ModelConfig, candidates=TP_CHOICES) -> list[int]:
     return [tp for tp in candidates if not _problems(cfg, tp)]
 
@@ -111,10 +118,7 @@ def compile_model(cfg: ModelConfig, tp: int, cards: list[int] | None = None) -> 
 def _card_program(cfg: ModelConfig, tp: int, r: int, cards: list[int]) -> CardProgram:
     hd = cfg.head_dim
     h_local = cfg.num_heads // tp
-    if tp <= cfg.num_kv_heads:
-        kv_local, kv_first = cfg.num_kv_heads // tp, r * (cfg.num_kv_heads // tp)
-    else:
-        kv_local, kv_first = 1, r // (tp // cfg.num_kv_heads)
+    kv_local, kv_first = kv_heads_of(cfg, tp, r)
     i_local = cfg.intermediate_size // tp
     v_local = -(-cfg.vocab_size // tp)
     v_start, v_end = min(r * v_local, cfg.vocab_size), min((r + 1) * v_local, cfg.vocab_size)

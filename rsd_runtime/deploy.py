@@ -5,7 +5,8 @@ runner (several instances of phantom cards).
 """
 from __future__ import annotations
 
-from rsd_runtime.compiler import CardProgram, compile_model
+from devices.kv_cache import KVLayout
+from rsd_runtime.compiler import CardProgram, compile_model, kv_heads_of
 from rsd_runtime.loader import load_weights, place_phantom
 from devices.memory import OutOfDeviceMemory, fmt_bytes
 from interconnect import wire
@@ -32,10 +33,9 @@ def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, d
     return programs
 
 
-def kv_block_bytes(cfg: ModelConfig, tp: int, block_size: int, dtype_size: int) -> int:
+def kv_block_bytes(cfg: ModelConfig, tp: int, block_size: int, dtype: str) -> int:
     """Bytes one KV block costs on one card (all layers, keys and values)."""
-    kv_local = cfg.num_kv_heads // tp if tp <= cfg.num_kv_heads else 1
-    return cfg.num_layers * 2 * block_size * kv_local * cfg.head_dim * dtype_size
+    return KVLayout(cfg.num_layers, 1, block_size, kv_heads_of(cfg, tp)[0], cfg.head_dim, dtype).block_bytes
 
 
 def shard_bytes(cfg: ModelConfig, tp: int, dtype_size: int) -> int:
@@ -57,7 +57,7 @@ def check_fits(cfg: ModelConfig, tp: int, spec, weight_dtype: str, dtype: str, n
                block_size: int, card: int) -> None:
     """Refuse, before anything is placed, a model or KV cache larger than a card's memory."""
     weights = shard_bytes(cfg, tp, wire.itemsize(weight_dtype))
-    kv = num_kv_blocks * kv_block_bytes(cfg, tp, block_size, wire.itemsize(dtype))
+    kv = num_kv_blocks * kv_block_bytes(cfg, tp, block_size, dtype)
     cap = spec.memory_bytes
     if weights > cap:
         raise OutOfDeviceMemory(
@@ -74,4 +74,4 @@ def max_kv_blocks(cfg: ModelConfig, tp: int, spec, weight_dtype: str, dtype: str
     """KV blocks that fit beside the weights in ``utilization`` of a card's memory (vLLM's
     gpu_memory_utilization); the rest is headroom for activations."""
     free = int(spec.memory_bytes * utilization) - shard_bytes(cfg, tp, wire.itemsize(weight_dtype))
-    return max(0, free // kv_block_bytes(cfg, tp, block_size, wire.itemsize(dtype)))
+    return max(0, free // kv_block_bytes(cfg, tp, block_size, dtype))

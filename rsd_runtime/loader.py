@@ -23,18 +23,11 @@ def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool =
             for card, shard in uses:
                 part = shard.extract(tensor)
                 total += part.numel() * part.element_size()
-                futs.append(cluster.control.submit(card, "put", *_put_fields(shard.name, part)))
+                futs.append(cluster.put_async(card, shard.name, part))
             for f in futs:
                 f.result(120)
             bar.update(1)
     return total
-
-
-def _put_fields(name: str, tensor):
-    from interconnect import wire
-
-    dtype, shape, payload = wire.to_wire(tensor)
-    return {"name": name, "dtype": dtype, "shape": shape}, [payload]
 
 
 def place_phantom(cluster, cfg, programs: list[CardProgram], dtype: str) -> None:

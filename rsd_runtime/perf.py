@@ -108,7 +108,7 @@ def batch_timing(runner: PerfRunner, batch: int, input_len: int, output_len: int
                  decode_samples: int = 5) -> BatchTiming:
     need = -(-(input_len + output_len) // runner.block_size) * batch
     if need > runner.num_kv_blocks:
-        per_block = kv_block_bytes(runner.cfg, runner.tp, runner.block_size, 2 if runner.dtype != "float32" else 4)
+        per_block = kv_block_bytes(runner.cfg, runner.tp, runner.block_size, runner.dtype)
         raise OutOfDeviceMemory(
             f"card 0: a batch of {batch} x {input_len + output_len} tokens needs {need} KV blocks "
             f"({fmt_bytes(need * per_block)}); the card has room for {runner.num_kv_blocks} "

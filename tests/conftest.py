@@ -1,7 +1,6 @@
 """Shared fixtures: an isolated shm prefix per session, and a leak check after every test."""
 from __future__ import annotations
 
-import os
 import secrets
 import time
 
