@@ -29,7 +29,7 @@ class CollectiveOps:
     def handlers(self) -> dict:
         return {"fabric_init": self.op_fabric_init, "collective": self.op_collective,
                 "collective_bench": self.op_collective_bench, "clock_reset": self.op_clock_reset,
-                "collective_reuse": self.op_collective_reuse}
+                "collective_reuse": self.op_collective_reuse, "resync": self.op_resync}
 
     def group(self, ranks) -> ProcessGroup:
         key = tuple(int(r) for r in ranks)
@@ -37,10 +37,17 @@ class CollectiveOps:
             self.groups[key] = ProcessGroup(self.card.fabric, list(key))
         return self.groups[key]
 
-    def reset(self) -> None:
-        """Forget group sequence numbers and stray messages (after an abort or a re-configuration)."""
-        self.groups.clear()
-        self.card.fabric.reset()
+    def reset(self, epoch: int | None = None) -> None:
+        """Restart every group's call numbers and drop stray messages (after an abort or a
+        re-configuration). Group objects are kept: a loaded command stream holds its group."""
+        for g in self.groups.values():
+            g.seq = 0
+        self.card.fabric.reset(epoch)
+
+    def op_resync(self, h, frames):
+        """Enter the host's new epoch: every card of the run starts its groups afresh, together."""
+        self.reset(int(h["epoch"]))
+        return {"epoch": self.card.fabric.epoch}, []
 
     def op_fabric_init(self, h, frames):
         self.reset()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from devices import rope
 from devices.cost import CostModel
-from devices.step import StepCosts, StepShape
+from devices.step import StepCosts, StepPlan
 from interconnect import collectives as coll
 from interconnect.group import ProcessGroup
 
@@ -27,6 +27,8 @@ class Executor:
         self.ops = program["ops"]
         m = self.meta = program["meta"]
         self.group = group
+        self.rank = m["tp_rank"]
+        self.vocab_size = m["vocab_size"]
         self.dtype = _TORCH[m["compute_dtype"]]
         self.dtype_name = m["compute_dtype"]
         self.h, self.kvh, self.hd = m["num_heads"], m["num_kv_heads"], m["head_dim"]
@@ -42,10 +44,10 @@ class Executor:
         self.kv = card.kv.tensors()
 
     # -- one step ---------------------------------------------------------------------
-    def step(self, h: dict) -> torch.Tensor | None:
-        self.shape = step = StepShape.parse(h)
-        positions = torch.tensor(h["positions"], dtype=torch.int64)
-        env = {"tokens": torch.tensor(h["tokens"], dtype=torch.int64), "positions": positions}
+    def step(self, step: StepPlan) -> torch.Tensor | None:
+        self.shape = step
+        positions = torch.from_numpy(step.positions)
+        env = {"tokens": torch.from_numpy(step.token_ids.astype(np.int64)), "positions": positions}
         self.seqs, self.T = step.seqs, step.num_tokens
         self.rows = torch.tensor(step.logit_rows, dtype=torch.int64)
         self.cos, self.sin = rope.cos_sin(positions, self.freq, self.dtype)
@@ -90,9 +92,10 @@ class Executor:
         k_cache, v_cache = self.kv[0][op["layer"]], self.kv[1][op["layer"]]  # (blocks, bs, kvh, hd)
         bs = k_cache.shape[1]
         out = torch.empty(T, h * hd, dtype=q.dtype)
-        for row, n, p0, blocks in self.seqs:
+        for s in self.seqs:
+            row, n, p0 = s.row, s.num_tokens, s.start
             pos = torch.arange(p0, p0 + n)
-            table = torch.tensor(blocks, dtype=torch.int64)
+            table = torch.tensor(s.block_table, dtype=torch.int64)
             k_cache[table[pos // bs], pos % bs] = k[row:row + n]
             v_cache[table[pos // bs], pos % bs] = v[row:row + n]
             ctx = p0 + n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from devices.cost import CostModel
-from devices.step import StepCosts, StepShape
+from devices.step import StepCosts, StepPlan
 from interconnect import collectives as coll
 
 
@@ -22,9 +22,10 @@ class PhantomExecutor:
         cost = CostModel(card.spec, meta["weight_dtype"], meta["compute_dtype"])
         self.costs = StepCosts(cost, meta, {n: tuple(e[2]) for n, e in card.arena.entries.items()})
         self.group = group
+        self.rank = meta["tp_rank"]
+        self.vocab_size = meta["vocab_size"]
 
-    def step(self, h: dict) -> None:
-        step = StepShape.parse(h)
+    def step(self, step: StepPlan) -> None:
         clock = self.card.clock
         for op in self.ops:
             cost = self.costs.of(op, step)

@@ -135,6 +135,8 @@ class Fabric:
         self._unacked: dict[int, int | None] = {}  # token -> staged window offset (None: registered buffer)
         self._tokens = itertools.count(1)
         self.malformed = 0
+        self.stale = 0  # messages of an epoch before the current one, dropped
+        self.epoch = 0
         self.bytes_sent = 0
 
     def configure(self, peers: dict[int, str], port_clock: PortClock) -> None:
@@ -149,9 +151,19 @@ class Fabric:
         if self.peer_windows is not None:
             self.peer_windows.forget()
 
-    def reset(self) -> None:
-        """Drop stray messages of a collective that broke off."""
-        self._early.clear()
+    def reset(self, epoch: int | None = None) -> None:
+        """Drop stray messages of a collective that broke off; with ``epoch``, enter that epoch.
+
+        Every card of a run enters the same new epoch when the host resynchronises them; messages
+        tagged with an older epoch, queued or still in flight, are dropped from then on.
+        """
+        if epoch is not None:
+            self.epoch = max(self.epoch, int(epoch))
+        for key in list(self._early):
+            tag = key[1]
+            if epoch is None or not (tag and isinstance(tag[0], int) and tag[0] >= self.epoch):
+                for msg in self._early.pop(key):
+                    self.done(msg)  # a window region goes back to its sender
 
     def _sock(self, dst: int) -> zmq.Socket:
         sock = self._push.get(dst)
@@ -301,7 +313,13 @@ class Fabric:
             return
         if h["op"] != "p2p" or len(frames) > 2:
             raise wire.WireError(f"unexpected op {h['op']!r} with {len(frames) - 1} payload frames")
-        msg = Message(int(h["src"]), tuple(h["tag"]), int(h["nbytes"]),
+        tag = tuple(h["tag"])
+        if tag and isinstance(tag[0], int) and tag[0] < self.epoch:
+            self.stale += 1
+            if "shm" in h:  # the sender's window region is free again
+                self.done(Message(int(h["src"]), tag, 0, {}, shm=(0, int(h["shm"][1]))))
+            return
+        msg = Message(int(h["src"]), tag, int(h["nbytes"]),
                       {"start": int(h["start"]), "occ": int(h["occ"]), "lat": int(h["lat"])})
         if "sent" in h:
             msg.sent = (int(h["sent"][0]), float(h["sent"][1]))

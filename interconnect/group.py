@@ -35,7 +35,9 @@ class ProcessGroup:
         return self.seq
 
     def tag(self, seq: int, *parts: int) -> tuple:
-        return (self.gid, seq, *parts)
+        """(fabric epoch, group id, call number, ...): a message of a call broken off before the
+        last resynchronisation never matches a later call (``Fabric.reset``)."""
+        return (self.fabric.epoch, self.gid, seq, *parts)
 
     def card(self, group_rank: int) -> int:
         return self.ranks[group_rank % self.size]

@@ -196,5 +196,6 @@ def _card_program(cfg: ModelConfig, tp: int, r: int, cards: list[int]) -> CardPr
     prog.meta = {"num_heads": h_local, "num_kv_heads": kv_local, "head_dim": hd, "vocab_local": v_local,
                  "intermediate_local": i_local, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
                  "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-                 "sliding_window": cfg.sliding_window, "group": cards}
+                 "sliding_window": cfg.sliding_window, "group": cards, "tp_rank": r,
+                 "vocab_size": cfg.vocab_size}
     return prog

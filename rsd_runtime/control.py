@@ -68,6 +68,10 @@ class ControlPlane:
         self._sender().send_multipart([f"card{card}".encode(), header, *frames], copy=False)
         return fut
 
+    def notify(self, card: int, op: str, fields: dict | None = None) -> None:
+        """Send a message that gets no reply (an abort, say); safe from any thread."""
+        self._sender().send_multipart([f"card{card}".encode(), wire.pack({"op": op, **(fields or {})})])
+
     def call(self, card: int, op: str, fields: dict | None = None, frames=(), timeout: float | None = None):
         return self.submit(card, op, fields, frames).result(timeout)
 
@@ -138,8 +142,9 @@ class ControlPlane:
             self.router.send_multipart(msg, copy=False)
         except zmq.ZMQError as exc:
             card = int(bytes(msg[0])[4:])
-            req_id = wire.unpack(msg[1].buffer)["id"]
-            self._fail_request(req_id, CardDied(card, None, f"cannot be reached ({exc.strerror})"))
+            req_id = wire.unpack(msg[1].buffer).get("id")
+            if req_id is not None:
+                self._fail_request(req_id, CardDied(card, None, f"cannot be reached ({exc.strerror})"))
 
     def _on_card_message(self, msg) -> None:
         ident = bytes(msg[0]).decode(errors="replace")

@@ -14,23 +14,34 @@ from rsd_runtime.model_config import ModelConfig
 
 
 def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, dtype: str, weight_dtype: str,
-           num_kv_blocks: int, block_size: int, progress: bool = False) -> list[CardProgram]:
+           num_kv_blocks: int, block_size: int, progress: bool = False,
+           check_weights: bool | None = None) -> list[CardProgram]:
     programs = compile_model(cfg, tp, cards)
     check_fits(cfg, tp, cluster.spec, weight_dtype, dtype, num_kv_blocks, block_size, cards[0])
     if ckpt is not None:
-        load_weights(cluster, ckpt, programs, progress=progress)
+        load_weights(cluster, ckpt, programs, progress=progress, check_weights=check_weights)
     else:
         place_phantom(cluster, cfg, programs, weight_dtype)
+    load_programs(cluster, programs, cfg, dtype=dtype, weight_dtype=weight_dtype, num_kv_blocks=num_kv_blocks,
+                  block_size=block_size)
+    return programs
+
+
+def load_programs(cluster, programs: list[CardProgram], cfg: ModelConfig, *, dtype: str, weight_dtype: str,
+                  num_kv_blocks: int, block_size: int, cards: list[int] | None = None, attach: bool = False) -> None:
+    """Install each card's command stream and its KV cache; ``attach``: keep the cache a restarted
+    card found in shared memory."""
     futs = []
     for prog in programs:
+        if cards is not None and prog.card not in cards:
+            continue
         meta = {**prog.meta, "compute_dtype": dtype, "weight_dtype": weight_dtype}
         kv = {"num_layers": cfg.num_layers, "num_blocks": num_kv_blocks, "block_size": block_size,
               "num_kv_heads": prog.meta["num_kv_heads"], "head_dim": cfg.head_dim, "dtype": dtype}
         futs.append(cluster.control.submit(prog.card, "load_program",
-                                           {"program": {"ops": prog.ops, "meta": meta}, "kv": kv}))
+                                           {"program": {"ops": prog.ops, "meta": meta}, "kv": kv, "attach": attach}))
     for f in futs:
         f.result(300)
-    return programs
 
 
 def kv_block_bytes(cfg: ModelConfig, tp: int, block_size: int, dtype: str) -> int:

@@ -1,154 +1,316 @@
 """The engine: a checkpoint split over tp cards, stepped as schedule -> run -> post-process.
 
     engine = LLMEngine("path/to/model", tp=4)
-    engine.add_request([1, 2, 3], SamplingParams(max_tokens=8))
+    engine.add_request("a", "Hello", SamplingParams(max_tokens=8))
     while engine.has_unfinished():
-        for seq, token in engine.step(): ...
+        for out in engine.step():          # one delta per request that moved
+            print(out.request_id, out.token_ids, out.text, out.finished)
 
-Each step sends the same small message to every card: the batch's token ids,
-positions and block tables. The cards run their command streams and reduce
-between themselves; card 0 returns the logits of the rows that sample; the
-host samples. The host keeps an emulated clock too: a step starts when the
-host sends it and ends when the slowest card finishes.
+Each step sends one plan to every card: the batch's token ids and block
+tables (``devices.step.StepPlan``). The cards run their command streams and
+reduce between themselves; one card returns the logits of the rows that
+sample; the host samples, applies the stop rules and releases text. The host
+keeps an emulated clock too: a step starts when the host sends it and ends
+when the slowest card finishes.
+
+A request's state lives in its ``Request`` and goes when it finishes. If a
+step fails (a card died, hung or refused the plan), the engine fails every
+request in flight with an error output and refuses new work until
+``recover()`` has restarted the dead cards and put the cards back in step.
 """
 from __future__ import annotations
 
 import logging
 import time
 
-import torch
+import numpy as np
 
+from devices.step import SeqSlice, StepPlan
 from rsd_runtime.block_manager import BlockManager
+from rsd_runtime.card_runner import CardRunner, StepFailed
 from rsd_runtime.checkpoint import load_checkpoint
 from rsd_runtime.cluster import Cluster
 from rsd_runtime.compiler import check_tp
-from rsd_runtime.deploy import deploy
-from rsd_runtime.sampling import Sampler, SamplingParams, make_generator
-from rsd_runtime.scheduler import Batch, Scheduler
+from rsd_runtime.deploy import deploy, load_programs
+from rsd_runtime.outputs import RequestOutput, TokenLogprob
+from rsd_runtime.request import Request
+from rsd_runtime.sampling import Sampler, SamplingParams, make_generator, token_logprobs
+from rsd_runtime.scheduler import Batch, Scheduler, ScheduledSeq
 from rsd_runtime.sequence import Sequence
-from rsd_runtime.tokenizer import Tokenizer
+from rsd_runtime.stopping import TextStop, token_stop
+from rsd_runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger("rsd.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed on the cards; the engine takes no work until ``recover()``."""
 
 
 class LLMEngine:
     def __init__(self, model: str, tp: int = 1, *, device: str = "atom-plus", dtype: str | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, chunk_size: int = 256, max_model_len: int | None = None,
-                 progress: bool = True, phantom: bool = False, **cluster_kwargs):
+                 kv_utilization: float | None = None, progress: bool = True, phantom: bool = False,
+                 check_weights: bool | None = None, cluster: Cluster | None = None, cards: list[int] | None = None,
+                 **cluster_kwargs):
         # bad checkpoints and impossible splits fail before any card starts
         self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress)
+        self.model = model
         self.cfg = cfg
         check_tp(cfg, tp)
         self.tp = tp
         self.phantom = phantom
         self.dtype = dtype or cfg.dtype
-        weight_dtype = self.ckpt.dtype("model.embed_tokens.weight") if self.ckpt else cfg.dtype
+        self.weight_dtype = self.ckpt.dtype("model.embed_tokens.weight") if self.ckpt else cfg.dtype
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks or -(-max_num_seqs * min(self.max_model_len, 1024) // block_size)
+        if cluster is not None:
+            device, phantom = cluster.spec, cluster.phantom
+            self.phantom = phantom
+        self.num_kv_blocks = num_kv_blocks or self._default_kv_blocks(device, max_num_seqs, kv_utilization)
         self.tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             self.eos_ids.add(self.tokenizer.eos_id)
-        self.cluster = Cluster(num_devices=tp, device=device, phantom=phantom, **cluster_kwargs).start()
+        self.cards = list(range(tp)) if cards is None else list(cards)
+        self.owns_cluster = cluster is None
+        self.cluster = cluster or Cluster(num_devices=tp, device=device, phantom=phantom, **cluster_kwargs).start()
         try:
-            deploy(self.cluster, cfg, tp, list(range(tp)), ckpt=self.ckpt, dtype=self.dtype,
-                   weight_dtype=weight_dtype, num_kv_blocks=self.num_kv_blocks, block_size=block_size,
-                   progress=progress)
+            self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
+                                   weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
+                                   block_size=block_size, progress=progress, check_weights=check_weights)
         except BaseException:
-            self.cluster.shutdown()
+            self.close()
             raise
+        self.runner = CardRunner(self.cluster, self.cards, vocab_size=cfg.vocab_size)
         self.blocks = BlockManager(self.num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, chunk_size=chunk_size)
         self.sampler = Sampler()
-        self.generators: dict[int, torch.Generator | None] = {}
-        self.next_id = 0
+        self.requests: dict[str | int, Request] = {}  # live requests only
+        self._by_seq: dict[int, Request] = {}
+        self._seq_ids = 0
         self.emu_now = 0  # host's emulated clock, ns
-        self.step_times: list[int] = []  # emulated duration of every step, ns
-        self.metrics: dict[int, dict] = {}
+        self.dead: Exception | None = None
+        self.stats = EngineStats()
+        self.on_step = None  # optional hook(emulated ns of the step, batch): benchmarks record steps with it
+
+    def _default_kv_blocks(self, device, max_num_seqs: int, kv_utilization: float | None) -> int:
+        if kv_utilization is None:
+            return -(-max_num_seqs * min(self.max_model_len, 1024) // self.block_size)
+        # as much as fits beside the weights in this share of the card (vLLM's gpu_memory_utilization)
+        from devices.memory import OutOfDeviceMemory, fmt_bytes
+        from devices.spec import DeviceSpec, get_spec
+        from rsd_runtime.deploy import max_kv_blocks
+
+        spec = device if isinstance(device, DeviceSpec) else get_spec(device)
+        blocks = max_kv_blocks(self.cfg, self.tp, spec, self.weight_dtype, self.dtype, self.block_size,
+                               kv_utilization)
+        if blocks < 1:
+            raise OutOfDeviceMemory(f"card 0: the weights of this model at tp={self.tp} leave no room for a KV "
+                                    f"cache in {kv_utilization:.0%} of {fmt_bytes(spec.memory_bytes)}; "
+                                    f"use a larger tp")
+        return blocks
 
     # -- requests ----------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
-        params = params or SamplingParams()
-        if not prompt_ids:
+    def validate(self, prompt, params: SamplingParams | None) -> list[int]:
+        """The prompt's token ids, or ValueError naming what is wrong; changes nothing."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: give the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids = list(prompt)
+        else:
+            raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
             raise ValueError("the prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is "
                              f"{self.max_model_len} tokens, and at least one must be left to generate")
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
-        seq = Sequence(seq_id=self.next_id, prompt_ids=list(prompt_ids), params=params)
-        self.next_id += 1
-        self.generators[seq.seq_id] = make_generator(params.seed) if params.temperature > 0 else None
-        self.metrics[seq.seq_id] = {"arrival": time.perf_counter(), "emu_arrival": self.emu_now, "token_times": [],
-                                    "emu_token_times": []}
+        if len(ids) > self.scheduler.max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the whole KV cache holds "
+                             f"{self.scheduler.max_len}")
+        if params is not None and params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        return ids
+
+    def add_request(self, request_id, prompt, params: SamplingParams | None = None, *,
+                    arrival_time: float | None = None) -> Request:
+        """Queue a request (prompt: text or token ids). Raises, leaving nothing queued, if it is invalid."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is down ({self.dead}); call recover() first")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        ids = self.validate(prompt, params)
+        seq = Sequence(seq_id=self._seq_ids, prompt_ids=ids, params=params)
+        self._seq_ids += 1
+        req = Request(request_id, prompt if isinstance(prompt, str) else None, seq,
+                      make_generator(params.seed) if params.temperature > 0 else None,
+                      IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None,
+                      TextStop(params), emu_arrival=self.emu_now)
+        if arrival_time is not None:
+            req.arrival = arrival_time
         self.scheduler.add(seq)
-        return seq
+        self.requests[request_id] = req
+        self._by_seq[seq.seq_id] = req
+        return req
+
+    def abort_request(self, request_id) -> bool:
+        """Drop a request now and free its KV blocks; False if it is not (or no longer) live."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, "abort")
+        self._forget(req)
+        self.stats.aborted += 1
+        return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.requests)
+
+    def _forget(self, req: Request) -> None:
+        del self.requests[req.request_id]
+        del self._by_seq[req.seq.seq_id]
 
     # -- one step: schedule -> run -> post-process --------------------------------------
-    def step(self) -> list[tuple[Sequence, int]]:
+    def step(self) -> list[RequestOutput]:
+        """Run one step; a delta for every request that produced a token, text, or finished."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is down ({self.dead}); call recover() first")
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.run(batch)
-        sampling = [s for s in batch.seqs if s.sample]
-        tokens = self.sampler.sample(logits, [s.seq.params for s in sampling],
-                                     [self.generators[s.seq.seq_id] for s in sampling]) if sampling else []
-        sampled = {s.seq.seq_id: t for s, t in zip(sampling, tokens)}
-        now = time.perf_counter()
-        for s in sampling:
-            m = self.metrics[s.seq.seq_id]
-            m["token_times"].append(now)
-            m["emu_token_times"].append(self.emu_now)
-        self.scheduler.postprocess(batch, sampled, self.eos_ids, self.max_model_len)
-        return [(s.seq, sampled[s.seq.seq_id]) for s in sampling]
-
-    def run(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
-        """Run one step on the cards; the logits (rows, vocab) of the rows that sample (or all rows)."""
-        tokens, positions, seqs, rows = [], [], [], []
         for s in batch.seqs:
-            row = len(tokens)
-            tokens += s.seq.all_ids[s.start:s.start + s.num_tokens]
-            positions += range(s.start, s.start + s.num_tokens)
-            seqs.append([row, s.num_tokens, s.start, s.seq.block_table])
+            req = self._by_seq[s.seq.seq_id]
+            if req.scheduled is None:
+                req.scheduled, req.emu_scheduled = time.perf_counter(), self.emu_now
+        start = self.emu_now
+        try:
+            logits, self.emu_now = self.runner.run(self.plan(batch))
+        except StepFailed as exc:
+            self.dead = exc.cause
+            self.stats.failed_steps += 1
+            raise EngineDeadError(f"a step failed: {exc}") from exc.cause
+        if self.on_step is not None:
+            self.on_step(self.emu_now - start, batch)
+        return self._postprocess(batch, logits)
+
+    def plan(self, batch: Batch, all_logits: bool = False) -> StepPlan:
+        """The step plan of a batch: one row per token fed; logits for the rows that sample (or all)."""
+        seqs, rows, tokens, row = [], [], [], 0
+        for s in batch.seqs:
+            seqs.append(SeqSlice(row, s.num_tokens, s.start, [] if self.phantom else s.seq.block_table))
+            if not self.phantom:
+                tokens += s.token_ids
             if all_logits:
                 rows += range(row, row + s.num_tokens)
             elif s.sample:
                 rows.append(row + s.num_tokens - 1)
-        fields = {"t_start": self.emu_now, "tokens": tokens, "positions": positions, "seqs": seqs,
-                  "logit_rows": rows}
-        futs = [self.cluster.control.submit(c, "step", {**fields, "want_output": c == 0}) for c in range(self.tp)]
-        replies = [f.result() for f in futs]
-        end = max(h["clock_ns"] for h, _ in replies)
-        self.step_times.append(end - self.emu_now)
-        self.emu_now = end
-        header, frames = replies[0]
-        if not rows or self.phantom:  # phantom cards compute nothing: greedy sampling sees token 0
-            return torch.zeros(len(rows), self.cfg.vocab_size)
-        return torch.frombuffer(bytearray(frames[0].buffer), dtype=torch.float32).view(*header["shape"])
+            row += s.num_tokens
+        return StepPlan(self.emu_now, seqs, rows, None if self.phantom else np.asarray(tokens, np.int32))
 
-    def prefill_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+    def _postprocess(self, batch: Batch, logits) -> list[RequestOutput]:
+        sampling = [s for s in batch.seqs if s.sample]
+        if logits is None:  # phantom cards compute nothing: greedy sampling sees token 0
+            import torch
+
+            logits = torch.zeros(len(sampling), self.cfg.vocab_size)
+        reqs = [self._by_seq[s.seq.seq_id] for s in sampling]
+        tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        want = [r.params.logprobs for r in reqs]
+        lps = [None] * len(reqs)
+        if any(k is not None for k in want):
+            idx = [i for i, k in enumerate(want) if k is not None]
+            for i, (lp, top) in zip(idx, token_logprobs(logits[idx], [tokens[i] for i in idx], [want[i] for i in idx])):
+                lps[i] = TokenLogprob(tokens[i], lp, top)
+        self.scheduler.postprocess(batch, {r.seq.seq_id: t for r, t in zip(reqs, tokens)})
+        now = time.perf_counter()
+        max_len = min(self.max_model_len, self.scheduler.max_len)
+        outs = []
+        for req, token, lp in zip(reqs, tokens, lps):
+            req.add_token(token, lp, now, self.emu_now)
+            reason = token_stop(req.seq, token, self.eos_ids, max_len)
+            if reason is None and req.text_stop.hit:
+                reason = "stop"
+            if reason is not None:
+                self.scheduler.finish(req.seq, reason)
+                self._forget(req)
+                self.stats.finished += 1
+            outs.append(req.output(now, self.emu_now))
+        self.stats.steps += 1
+        self.stats.prompt_tokens += sum(s.num_tokens for s in batch.seqs if s.start < s.seq.num_prompt_tokens)
+        self.stats.generation_tokens += len(tokens)
+        return outs
+
+    def prefill_logits(self, prompt_ids: list[int]) -> "torch.Tensor":  # noqa: F821
         """Logits at every position of one prompt (T, vocab), as a model's forward pass gives them."""
-        from rsd_runtime.scheduler import ScheduledSeq
-
-        seq = Sequence(seq_id=-1 - self.next_id, prompt_ids=list(prompt_ids), params=SamplingParams())
-        self.next_id += 1
-        if not self.blocks.can_allocate(seq, len(prompt_ids)):
+        seq = Sequence(seq_id=-1, prompt_ids=self.validate(prompt_ids, None), params=SamplingParams())
+        if not self.blocks.can_allocate(seq, seq.num_tokens):
             raise MemoryError("not enough free KV blocks for this prompt")
-        self.blocks.allocate(seq, len(prompt_ids))
+        self.blocks.allocate(seq, seq.num_tokens)
         try:
-            return self.run(Batch([ScheduledSeq(seq, 0, len(prompt_ids), True)]), all_logits=True)
+            logits, self.emu_now = self.runner.run(self.plan(Batch([ScheduledSeq(seq, 0, seq.num_tokens, True)]),
+                                                             all_logits=True))
+            return logits
         finally:
             self.blocks.free(seq)
 
+    # -- failures ----------------------------------------------------------------------------
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every live request with finish reason "error"; their final outputs."""
+        now, outs = time.perf_counter(), []
+        for req in list(self.requests.values()):
+            self.scheduler.finish(req.seq, "error")
+            self._forget(req)
+            out = req.output(now, self.emu_now)
+            out.error = error
+            outs.append(out)
+        self.stats.errored += len(outs)
+        return outs
+
+    def recover(self) -> list[RequestOutput]:
+        """Restart dead cards, put every card back in step, and take work again.
+
+        A restarted card re-attaches to its weights and KV cache (they live in shared memory)
+        and gets its command stream again. Requests in flight when the step failed end with
+        an error; their outputs are returned.
+        """
+        cause = str(self.dead) if self.dead is not None else "recovery"
+        failed = self.fail_all(f"the cards failed: {cause.splitlines()[0]}")
+        restarted = [c for c in self.cards if c in self.cluster.control.dead]
+        for card in restarted:
+            self.cluster.restart(card)
+        if restarted:
+            load_programs(self.cluster, self.programs, self.cfg, dtype=self.dtype, weight_dtype=self.weight_dtype,
+                          num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
+                          cards=restarted, attach=True)
+        self.runner.resync()
+        self.dead = None
+        self.stats.recoveries += 1
+        self.stats.cards_restarted += len(restarted)
+        return failed
+
     def close(self) -> None:
-        self.cluster.shutdown()
+        if self.owns_cluster:
+            self.cluster.shutdown()
+
+
+class EngineStats:
+    """Counters a server exports (``/metrics``)."""
+
+    def __init__(self):
+        self.steps = self.finished = self.aborted = self.errored = 0
+        self.prompt_tokens = self.generation_tokens = 0
+        self.failed_steps = self.recoveries = self.cards_restarted = 0
 
 
 def resolve_model(model: str, phantom: bool, progress: bool = True):

@@ -1,19 +1,18 @@
 """The offline API in the shape vLLM users know.
 
     from rsd_runtime import LLM, SamplingParams
-    llm = LLM(model="path/to/hf-model", tensor_parallel_size=4)
-    for out in llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0)):
-        print(out.text, out.metrics["ttft_s"], out.metrics["emu_ttft_s"])
-    llm.close()
+    with LLM(tensor_parallel_size=4) as llm:            # the built-in tiny model; model="path" for yours
+        for out in llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0)):
+            print(out.text, out.metrics["ttft_s"], out.metrics["emu_ttft_s"])
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 from rsd_runtime.engine import LLMEngine
-from rsd_runtime.outputs import RequestOutput, timing
+from rsd_runtime.outputs import RequestOutput
 from rsd_runtime.sampling import SamplingParams
-from rsd_runtime.tokenizer import IncrementalDecoder
 
 
 class LLM:
@@ -24,6 +23,7 @@ class LLM:
             model = str(ensure_tiny_model())
         self.engine = LLMEngine(model, tensor_parallel_size, **engine_kwargs)
         self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
 
     def __enter__(self) -> "LLM":
         return self
@@ -43,39 +43,41 @@ class LLM:
                  on_token: Callable[[int, int, str], None] | None = None) -> list[RequestOutput]:
         """Generate for each prompt (text, or a list of token ids); outputs in prompt order.
 
-        ``on_token(request_index, token_id, new_text)`` is called for every token as it is sampled.
+        ``on_token(prompt_index, token_id, new_text)`` is called for every token as it is sampled;
+        ``new_text`` is the text that token releases (text that could still become a stop string
+        is held back until it cannot). Every prompt is checked before any runs: one bad prompt
+        raises and leaves nothing queued.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         params = [p or SamplingParams() for p in params]
         engine = self.engine
-        texts = [p if isinstance(p, str) else None for p in prompts]
-        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        seqs = [engine.add_request(i, p) for i, p in zip(ids, params)]
-        index = {s.seq_id: n for n, s in enumerate(seqs)}
-        decoders = {s.seq_id: IncrementalDecoder(self.tokenizer) for s in seqs} if self.tokenizer else {}
-        while engine.has_unfinished():
-            for seq, token in engine.step():
-                new = ""
-                if seq.seq_id in decoders:
-                    new = decoders[seq.seq_id].feed(token)
-                    self._check_stop(seq, decoders[seq.seq_id])
-                if on_token is not None:
-                    on_token(index[seq.seq_id], token, new)
+        for prompt, p in zip(prompts, params):
+            engine.validate(prompt, p)
+        ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        index = {rid: n for n, rid in enumerate(ids)}
+        results: dict[str, RequestOutput] = {}
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                engine.add_request(rid, prompt, p)
+            while any(rid in engine.requests for rid in ids):
+                for delta in engine.step():  # one new token per delta
+                    if delta.request_id in results:
+                        results[delta.request_id].merge(delta)
+                    else:
+                        results[delta.request_id] = delta
+                    if on_token is not None:
+                        on_token(index[delta.request_id], delta.token_ids[-1], delta.text or "")
+        finally:
+            for rid in ids:  # an error (or Ctrl-C) leaves none of this call's requests queued
+                engine.abort_request(rid)
         outs = []
-        for n, seq in enumerate(seqs):
-            text = None
-            if seq.seq_id in decoders:
-                text = decoders[seq.seq_id].text
-                for stop in seq.params.stop or ():
-                    if stop in text:
-                        text = text[:text.index(stop)]
-            metrics = timing(engine.metrics.pop(seq.seq_id), len(seq.output_ids))
-            outs.append(RequestOutput(n, texts[n], seq.prompt_ids, list(seq.output_ids), text, seq.finish_reason,
-                                      metrics))
+        for n, rid in enumerate(ids):
+            out = results[rid]
+            out.request_id = n
+            outs.append(out)
         return outs
 
-    def _check_stop(self, seq, decoder) -> None:
-        if seq.finish_reason is None and seq.params.stop and any(s in decoder.text for s in seq.params.stop):
-            self.engine.scheduler.finish(seq, "stop")

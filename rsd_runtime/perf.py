@@ -24,13 +24,16 @@ from dataclasses import dataclass
 
 from devices.memory import OutOfDeviceMemory, fmt_bytes
 from devices.spec import get_spec
+from devices.step import SeqSlice, StepPlan
 from rsd_runtime.cluster import Cluster
 from rsd_runtime.compiler import check_tp
-from rsd_runtime.deploy import deploy, kv_block_bytes, max_kv_blocks
-from rsd_runtime.engine import resolve_model
+from rsd_runtime.deploy import kv_block_bytes
+from rsd_runtime.engine import LLMEngine, resolve_model
 
 
 class PerfRunner:
+    """``instances`` engines on ``tp x instances`` phantom cards of one cluster, stepped together."""
+
     def __init__(self, model: str, *, tp: int, instances: int = 1, device: str = "atom-plus",
                  dtype: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_utilization: float = 0.9, **cluster_kwargs):
@@ -38,21 +41,17 @@ class PerfRunner:
         check_tp(cfg, tp)
         self.cfg, self.tp, self.instances = cfg, tp, instances
         self.spec = get_spec(device)
-        self.dtype = dtype or cfg.dtype
-        self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks if num_kv_blocks is not None else max_kv_blocks(
-            cfg, tp, self.spec, cfg.dtype, self.dtype, block_size, kv_utilization)
-        if self.num_kv_blocks < 1:
-            raise OutOfDeviceMemory(f"card 0: the weights of this model at tp={tp} leave no room for a KV cache "
-                                    f"in {kv_utilization:.0%} of {fmt_bytes(self.spec.memory_bytes)}; use a larger tp")
         self.cluster = Cluster(num_devices=tp * instances, device=self.spec, phantom=True, **cluster_kwargs).start()
         try:
-            for i in range(instances):
-                deploy(self.cluster, cfg, tp, list(range(i * tp, (i + 1) * tp)), dtype=self.dtype,
-                       weight_dtype=cfg.dtype, num_kv_blocks=self.num_kv_blocks, block_size=block_size)
+            self.engines = [LLMEngine(model, tp, cluster=self.cluster, cards=list(range(i * tp, (i + 1) * tp)),
+                                      dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                      kv_utilization=kv_utilization, progress=False, phantom=True)
+                            for i in range(instances)]
         except BaseException:
             self.cluster.shutdown()
             raise
+        first = self.engines[0]
+        self.dtype, self.block_size, self.num_kv_blocks = first.dtype, block_size, first.num_kv_blocks
         self.emu_now = 0
         self._cache: dict[tuple, int] = {}
         self.steps_run = 0
@@ -65,18 +64,22 @@ class PerfRunner:
         return self.num_kv_blocks * self.block_size
 
     def step(self, seqs: list[tuple[int, int]]) -> int:
-        """Emulated ns of one step feeding (tokens, first position) per sequence; each samples."""
+        """Emulated ns of one step feeding (tokens, first position) per sequence; each samples.
+
+        Every instance runs the step at once; the step's time is the slowest instance's.
+        """
         key = tuple(seqs)
         if key in self._cache:
             return self._cache[key]
-        rows, layout, row = [], [], 0
+        layout, rows, row = [], [], 0
         for n, p0 in seqs:
-            layout.append([row, n, p0, []])
+            layout.append(SeqSlice(row, n, p0, []))
             rows.append(row + n - 1)
             row += n
-        fields = {"t_start": self.emu_now, "tokens": [], "positions": [], "seqs": layout, "logit_rows": rows}
-        futs = [self.cluster.control.submit(c, "step", fields) for c in range(self.num_cards)]
-        end = max(f.result()[0]["clock_ns"] for f in futs)
+        plan = StepPlan(self.emu_now, layout, rows)
+        blob = plan.pack()
+        futs = [e.runner.submit(plan, blob) for e in self.engines]
+        end = max(e.runner.collect(plan, f)[1] for e, f in zip(self.engines, futs))
         self._cache[key] = took = end - self.emu_now
         self.emu_now = end
         self.steps_run += 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 # torch.Generator.manual_seed accepts this range.
 _MIN_SEED, _MAX_SEED = -(1 << 63), (1 << 64) - 1
 
@@ -42,6 +43,8 @@ class SamplingParams:
     stop: list[str] | None = None  # checked by the engine on decoded text; the output is cut before the match
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -70,6 +73,10 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -144,3 +151,20 @@ class Sampler:
         for j, i in enumerate(rows):
             tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
         return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[tuple[float, list]]:
+    """For row i: (logprob of tokens[i], [(token, logprob)] of the num_top[i] most likely tokens).
+
+    Log-probabilities of the model's own distribution (log_softmax of the raw logits, before
+    temperature and filtering), as vLLM reports them by default.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for i, (tok, k) in enumerate(zip(tokens, num_top)):
+        top = []
+        if k:
+            vals, idx = logp[i].topk(k)
+            top = list(zip(idx.tolist(), vals.tolist()))
+        out.append((float(logp[i, tok]), top))
+    return out

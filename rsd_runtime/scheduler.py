@@ -1,6 +1,7 @@
 """Continuous batching with chunked prefill over a paged KV cache; plain Python, no tensors.
 
-One step is ``schedule()`` -> the engine runs the batch and samples -> ``postprocess()``.
+One step is ``schedule()`` -> the engine runs the batch and samples -> ``postprocess()``;
+the engine then finishes the sequences that stop (``rsd_runtime.stopping``).
 
 Policy (the shape of vLLM v1's scheduler):
 
@@ -21,9 +22,9 @@ Policy (the shape of vLLM v1's scheduler):
   there is room: fewer than max_num_seqs running, budget left, and free blocks
   for the first chunk. The head of the queue blocks those behind it, so a long
   prompt is not overtaken forever by short ones.
-* A sequence may grow only to what the whole cache holds: postprocess finishes
-  it with "length" at min(max_model_len, num_blocks * block_size) tokens, so a
-  sequence running alone can always get its blocks.
+* A sequence may grow only to what the whole cache holds (``max_len``): the
+  engine finishes it with "length" at min(max_model_len, num_blocks *
+  block_size) tokens, so a sequence running alone can always get its blocks.
 """
 from __future__ import annotations
 
@@ -152,18 +153,12 @@ class Scheduler:
         # admission order.
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: Batch, sampled: dict[int, int], eos_ids: set[int],
-                    max_model_len: int) -> list[Sequence]:
-        """Account for a batch that ran: the sequences it finished, their blocks already freed.
+    def postprocess(self, batch: Batch, sampled: dict[int, int]) -> None:
+        """Account for a batch that ran: its chunks are cached, each sampling sequence gets its token.
 
-        sampled maps seq_id -> next token for every scheduled seq with sample=True.
-        A sequence stops at the first of: an eos id unless ignore_eos ("eos"),
-        one of its stop_token_ids ("stop"), max_tokens output tokens or
-        min(max_model_len, cache capacity) tokens in all ("length"). The
-        stopping token is kept in output_ids.
+        sampled maps seq_id -> next token for every scheduled seq with sample=True. Whether a
+        sequence stops on it is decided by the engine (``rsd_runtime.stopping``), which calls finish().
         """
-        max_len = min(max_model_len, self.block_manager.num_tokens_capacity)
-        finished = []
         for s in batch.seqs:
             seq = s.seq
             if seq.is_finished:  # finished by the engine (e.g. aborted) while the batch ran
@@ -176,25 +171,12 @@ class Scheduler:
                 continue
             if seq.seq_id not in sampled:
                 raise KeyError(f"seq {seq.seq_id} was scheduled to sample but no token was given for it")
-            token = sampled[seq.seq_id]
-            seq.output_ids.append(token)
-            reason = self._stop_reason(seq, token, eos_ids, max_len)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
-        return finished
+            seq.output_ids.append(sampled[seq.seq_id])
 
-    @staticmethod
-    def _stop_reason(seq: Sequence, token: int, eos_ids: set[int], max_len: int) -> str | None:
-        # A natural stop outranks the length cap when both hold on the same token (vLLM v1 reports "length").
-        p = seq.params
-        if not p.ignore_eos and token in eos_ids:
-            return "eos"
-        if p.stop_token_ids and token in p.stop_token_ids:
-            return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= max_len:
-            return "length"
-        return None
+    @property
+    def max_len(self) -> int:
+        """The most tokens a sequence may hold: what the whole KV cache holds."""
+        return self.block_manager.num_tokens_capacity
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End seq now (the engine calls this on a stop string, or "abort"); frees its blocks.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from rsd_runtime.sampling import SamplingParams
 
-FINISH_REASONS = ("length", "stop", "eos", "abort")
+FINISH_REASONS = ("length", "stop", "eos", "abort", "error")
 
 
 class SeqStatus(enum.Enum):

@@ -13,6 +13,7 @@ from rsd_runtime.block_manager import BlockManager, OutOfBlocks
 from rsd_runtime.sampling import SamplingParams
 from rsd_runtime.scheduler import Batch, Scheduler
 from rsd_runtime.sequence import Sequence, SeqStatus
+from rsd_runtime.stopping import token_stop
 
 VOCAB = 1000
 NO_LIMIT = 1 << 30
@@ -69,6 +70,20 @@ def check_invariants(sched: Scheduler, batch: Batch) -> None:
         assert len(s.seq.block_table) == -(-(s.start + s.num_tokens) // bm.block_size)
 
 
+def post(sched: Scheduler, batch: Batch, sampled: dict, eos_ids=(), max_model_len: int = NO_LIMIT) -> list[Sequence]:
+    """What the engine does after a step: the scheduler appends the tokens, the stop rules finish sequences."""
+    sched.postprocess(batch, sampled)
+    max_len = min(max_model_len, sched.max_len)
+    finished = []
+    for s in batch.seqs:
+        if s.sample and not s.seq.is_finished:
+            reason = token_stop(s.seq, s.seq.output_ids[-1], set(eos_ids), max_len)
+            if reason is not None:
+                sched.finish(s.seq, reason)
+                finished.append(s.seq)
+    return finished
+
+
 def drive(sched: Scheduler, cache: FakeCache | None = None, *, eos_ids: frozenset[int] = frozenset(),
           max_model_len: int = NO_LIMIT, max_steps: int = 10_000) -> list[Batch]:
     """Run to completion with the fake cache (pass the one earlier steps wrote); every batch, checked."""
@@ -78,7 +93,7 @@ def drive(sched: Scheduler, cache: FakeCache | None = None, *, eos_ids: frozense
         assert len(batches) < max_steps, "no progress"
         batch = sched.schedule()
         check_invariants(sched, batch)
-        sched.postprocess(batch, cache.run(batch), set(eos_ids), max_model_len)
+        post(sched, batch, cache.run(batch), eos_ids, max_model_len)
         batches.append(batch)
     assert sched.schedule() is None
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
@@ -106,7 +121,7 @@ def test_chunked_prefill_spreads_a_long_prompt_over_steps():
         batch = sched.schedule()
         assert chunks(batch) == [want]
         assert len(seq.block_table) == num_blocks
-        sched.postprocess(batch, cache.run(batch), set(), NO_LIMIT)
+        post(sched, batch, cache.run(batch))
     assert seq.finish_reason == "length" and seq.output_ids == reference_output(seq.prompt_ids, 3)
     assert not sched.has_unfinished() and bm.num_free_blocks == 100
 
@@ -121,7 +136,7 @@ def test_new_sequences_join_while_others_decode():
     def step():
         batch = sched.schedule()
         check_invariants(sched, batch)
-        sched.postprocess(batch, cache.run(batch), set(), NO_LIMIT)
+        post(sched, batch, cache.run(batch))
         return chunks(batch)
 
     assert step() == [(0, 0, 10, True)]
@@ -173,12 +188,12 @@ def test_blocks_are_freed_on_finish_and_reused():
     assert chunks(batch) == [(0, 0, 8, True)], "b needs 3 blocks but only 2 are free: it waits"
     a_blocks = list(a.block_table)
     assert b.status is SeqStatus.WAITING and bm.num_free_blocks == 2
-    finished = sched.postprocess(batch, cache.run(batch), set(), NO_LIMIT)
+    finished = post(sched, batch, cache.run(batch))
     assert finished == [a] and a.block_table == [] and bm.num_free_blocks == 4
     batch = sched.schedule()
     assert chunks(batch) == [(1, 0, 12, True)]
     assert set(b.block_table) & set(a_blocks)
-    sched.postprocess(batch, cache.run(batch), set(), NO_LIMIT)
+    post(sched, batch, cache.run(batch))
     drive(sched, cache)
     assert b.output_ids == reference_output(b.prompt_ids, 2)
 
@@ -194,7 +209,7 @@ def test_preemption_frees_the_newest_and_recomputes_it():
     def step() -> Batch:
         batch = sched.schedule()
         check_invariants(sched, batch)
-        sched.postprocess(batch, cache.run(batch), set(), NO_LIMIT)
+        post(sched, batch, cache.run(batch))
         return batch
 
     assert chunks(step()) == [(0, 0, 3, True), (1, 0, 3, True)]
@@ -230,7 +245,7 @@ def test_preemption_under_pressure_then_everything_completes():
             assert not {id(s.seq) for s in batch.seqs} & {id(v) for v in batch.preempted}
             assert {id(s.seq) for s in batch.seqs} <= {id(seq) for seq in running_before}
             assert list(sched.waiting)[:len(batch.preempted)] == batch.preempted[::-1]
-        sched.postprocess(batch, cache.run(batch), set(), NO_LIMIT)
+        post(sched, batch, cache.run(batch))
     assert num_preempted >= 2
     for seq in seqs:
         assert seq.finish_reason == "length"
@@ -280,7 +295,7 @@ def scripted(sched: Scheduler, seq: Sequence, tokens: list[int], eos_ids=frozens
     finished = []
     for token in tokens:
         batch = sched.schedule()
-        finished += sched.postprocess(batch, {seq.seq_id: token}, set(eos_ids), max_model_len)
+        finished += post(sched, batch, {seq.seq_id: token}, eos_ids, max_model_len)
         if seq.is_finished:
             break
     return finished
@@ -312,13 +327,13 @@ def test_engine_finishes_on_a_stop_string_and_can_abort():
     for seq in (a, b, c):
         sched.add(seq)
     batch = sched.schedule()
-    sched.postprocess(batch, FakeCache(bm).run(batch), set(), NO_LIMIT)
+    post(sched, batch, FakeCache(bm).run(batch))
     sched.finish(a, "stop")  # the engine saw a stop string in a's text
     assert a.finish_reason == "stop" and a.block_table == [] and a not in sched.running
     batch = sched.schedule()
     assert [s.seq for s in batch.seqs] == [b, c]
     sched.finish(b, "abort")  # between schedule and postprocess: postprocess leaves it alone
-    sched.postprocess(batch, {c.seq_id: 9}, set(), NO_LIMIT)
+    post(sched, batch, {c.seq_id: 9})
     assert b.output_ids == [next_token(b.prompt_ids)] and b.finish_reason == "abort"
     sched.finish(b, "stop")
     assert b.finish_reason == "abort", "finishing twice keeps the first reason"
@@ -338,7 +353,7 @@ def test_bad_input_is_refused_clearly():
         sched.add(make_seq(1, 3))
     batch = sched.schedule()
     with pytest.raises(KeyError, match="no token was given"):
-        sched.postprocess(batch, {}, set(), NO_LIMIT)
+        sched.postprocess(batch, {})
     with pytest.raises(ValueError, match="the prompt is empty"):
         Sequence(5, [])
     with pytest.raises(ValueError, match="must be >= 1"):

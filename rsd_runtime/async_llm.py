@@ -1,0 +1,251 @@
+"""The engine behind many callers: one thread steps it, each caller gets its own stream of outputs.
+
+    llm = AsyncLLM(tensor_parallel_size=2)            # built-in tiny model
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=8)):
+        print(out.token_ids, out.text)                 # deltas; the last has finished=True
+    llm.close()
+
+Requests from every caller join the same continuous batch. The engine thread
+owns the engine: callers only put commands in its inbox (add, abort) and read
+their own queue, so nothing of the engine is touched from two threads. A
+caller that stops reading (a client that disconnects) aborts its request and
+its KV blocks are freed at the next step.
+
+If a step fails (a dead or hung card), every request in flight ends with an
+``EngineError``; with ``restart_cards=True`` the engine then restarts the dead
+cards and takes work again (``LLMEngine.recover``), otherwise it refuses new
+requests until ``recover()`` is called.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from rsd_runtime.engine import EngineDeadError, LLMEngine
+from rsd_runtime.outputs import RequestOutput
+from rsd_runtime.sampling import SamplingParams
+
+log = logging.getLogger("rsd.async")
+IDLE_WAIT_S = 0.05  # how often an idle engine thread looks at its cards
+
+
+class EngineError(RuntimeError):
+    """The request ended because the cards failed; the message says how."""
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: the request was refused at once."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down or down."""
+
+
+class _Stream:
+    """One request's outputs, read by its caller's event loop."""
+
+    __slots__ = ("loop", "queue", "finished")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue, self.finished = loop, asyncio.Queue(), False
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, *, restart_cards: bool = False,
+                 max_waiting: int | None = None, engine: LLMEngine | None = None, **engine_kwargs):
+        if engine is None:
+            if model is None:
+                from rsd_runtime.tiny_model import ensure_tiny_model
+
+                model = str(ensure_tiny_model())
+            engine = LLMEngine(model, tensor_parallel_size, **engine_kwargs)
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.restart_cards = restart_cards
+        self.max_waiting = max_waiting
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict = {}  # engine thread only
+        self._queued = 0  # requests added but not yet running (inbox + engine waiting); approximate
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self.error: Exception | None = None  # why the engine thread ended, if it did
+        self.started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="rsd-engine", daemon=True)
+        self._thread.start()
+
+    # -- callers (any thread, any event loop) -------------------------------------------------
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id=None, *,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request; raises ValueError at once if the request is invalid,
+        ``Overloaded`` if the waiting queue is full, ``EngineError`` if the cards fail under it."""
+        params = params or SamplingParams()
+        self.check_ready()
+        self.engine.validate(prompt, params)
+        if self.max_waiting is not None and self._queued >= self.max_waiting:
+            raise Overloaded(f"{self._queued} requests are waiting (--max-waiting {self.max_waiting})")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop())
+        self._queued += 1
+        self._inbox.put(("add", rid, prompt, params, stream, arrival_time or time.perf_counter()))
+        self._wake.set()
+        try:
+            while True:
+                out = await stream.queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self.abort(rid)
+
+    def abort(self, request_id) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def check_ready(self) -> None:
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise EngineStopped(f"the engine is not running{f': {self.error}' if self.error else ''}")
+        if self.engine.dead is not None and not self.restart_cards:
+            raise EngineError(f"the engine is down: {self.engine.dead}")
+
+    def health(self) -> dict:
+        """Whether the engine can serve: its thread runs, no step failed unrecovered, every card is alive."""
+        cluster = self.engine.cluster
+        dead = {c: str(e).splitlines()[0] for c, e in cluster.control.dead.items() if c in self.engine.cards}
+        alive = self._thread.is_alive() and not self._stop.is_set()
+        ok = alive and self.engine.dead is None and not dead
+        return {"ok": ok, "engine_thread": alive, "engine_error": None if self.engine.dead is None
+                else str(self.engine.dead).splitlines()[0], "dead_cards": dead,
+                "cards": [{"card": c, "pid": cluster.procs[c].pid if c in cluster.procs else None,
+                           "alive": c not in dead} for c in self.engine.cards]}
+
+    def recover(self) -> None:
+        """Ask the engine thread to restart dead cards and resynchronise (it does this itself with
+        ``restart_cards``)."""
+        done = threading.Event()
+        self._inbox.put(("recover", done))
+        self._wake.set()
+        done.wait(120)
+
+    def close(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(30)
+        self.engine.close()
+
+    def __enter__(self) -> "AsyncLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if engine.dead is None and self._card_died():
+                    engine.dead = next(iter(engine.cluster.control.dead.values()))
+                if engine.dead is not None:
+                    self._deliver(engine.fail_all(f"the cards failed: {str(engine.dead).splitlines()[0]}"))
+                    if self.restart_cards:
+                        self._recover()
+                    else:
+                        self._wait()
+                    continue
+                if not engine.has_unfinished():
+                    self._wait()
+                    continue
+                try:
+                    outs = engine.step()
+                except EngineDeadError:
+                    continue  # failed above on the next turn, with every request in flight
+                self._queued = len(engine.scheduler.waiting) + self._inbox.qsize()
+                self._deliver(outs)
+        except BaseException as exc:  # the thread must not die silently: callers would wait forever
+            self.error = exc
+            log.exception("engine thread failed")
+            self._stop.set()
+            for stream in self._streams.values():
+                self._put(stream, EngineStopped(f"the engine thread failed: {exc}"))
+
+    def _wait(self) -> None:
+        self._wake.wait(IDLE_WAIT_S)
+        self._wake.clear()
+
+    def _card_died(self) -> bool:
+        dead = self.engine.cluster.control.dead
+        return bool(dead) and any(c in dead for c in self.engine.cards)
+
+    def _recover(self) -> None:
+        try:
+            self.engine.recover()
+            log.warning("recovered: cards restarted and back in step")
+        except Exception as exc:
+            log.error("recovery failed: %s", exc)
+            self._wait()
+
+    def _drain_inbox(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, prompt, params, stream, arrival = cmd
+                try:
+                    engine.add_request(rid, prompt, params, arrival_time=arrival)
+                    self._streams[rid] = stream
+                except Exception as exc:
+                    self._put(stream, exc if isinstance(exc, (ValueError, TypeError)) else EngineError(str(exc)))
+            elif cmd[0] == "abort":
+                if engine.abort_request(cmd[1]):
+                    self._streams.pop(cmd[1], None)
+            elif cmd[0] == "recover":
+                try:
+                    self._deliver(engine.recover())
+                finally:
+                    cmd[1].set()
+            self._queued = max(0, self._queued - (cmd[0] == "add"))
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        by_loop: dict = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+                stream.finished = True
+                if out.finish_reason == "error":
+                    by_loop.setdefault(stream.loop, []).append((stream, EngineError(out.error or "the cards failed")))
+                    continue
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():  # one wake-up per event loop per step, not one per token
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: its callers are gone
+                pass
+
+    @staticmethod
+    def _put(stream: _Stream, item) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:
+            pass
+
+
+def _put_all(items) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
