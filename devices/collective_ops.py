@@ -11,13 +11,13 @@ import time
 import numpy as np
 
 from interconnect import collectives as coll
+from interconnect.collectives import out_count, run_collective as run
 from interconnect import wire
 from interconnect.emulation import PortClock, memory_reduce_ns
 from interconnect.group import ProcessGroup, split
 from interconnect.reduce import ReduceOp
 from interconnect.topology import get_topology
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 
 
 class CollectiveOps:
@@ -126,51 +126,6 @@ class CollectiveOps:
         finally:
             g.release(buf)
         return {"wrong": wrong}, []
-
-
-def out_count(kind: str, count: int, n: int) -> int:
-    return count * n if kind == "all_gather" else count // n if kind == "reduce_scatter" else 0
-
-
-def run(kind: str, g: ProcessGroup, data: np.ndarray, dtype: str, algo: str, redop: str, root: int,
-        peer: int = 0, tag: int = 0, out: np.ndarray | None = None) -> np.ndarray:
-    """Run ``kind`` on this card's ``data`` (modified in place where the collective is in place)."""
-    if kind == "all_reduce":
-        coll.all_reduce(data, redop, g, dtype=dtype, algo=algo)
-        return data
-    if kind == "reduce_scatter" and data.size % g.size:
-        raise ValueError(f"reduce_scatter: {data.size} elements do not split over {g.size} ranks")
-    if kind in ("all_gather", "reduce_scatter") and out is None:
-        out = np.empty(out_count(kind, data.size, g.size), data.dtype)
-    if kind == "all_gather":
-        coll.all_gather(out, data, g, dtype=dtype, algo=algo)
-        return out
-    if kind == "reduce_scatter":
-        coll.reduce_scatter(out, data, redop, g, dtype=dtype, algo=algo)
-        return out
-    if kind == "broadcast":
-        coll.broadcast(data, root, g, dtype=dtype, algo=algo)
-        return data
-    if kind == "reduce":
-        coll.reduce(data, root, redop, g, dtype=dtype, algo=algo)
-        return data
-    if kind == "barrier":
-        coll.barrier(g)
-        return data[:0]
-    if kind == "exchange":  # non-blocking: post the receive and the send, then wait on both
-        out = np.empty_like(data)
-        incoming = coll.irecv(out, (g.rank - 1) % g.size, g, tag, dtype=dtype)
-        outgoing = coll.isend(data, (g.rank + 1) % g.size, g, tag)
-        incoming.wait()
-        outgoing.wait()
-        return out
-    if kind == "send":
-        coll.send(data, peer, g, tag)
-        return data[:0]
-    if kind == "recv":
-        coll.recv(data, peer, g, tag, dtype=dtype)
-        return data
-    raise ValueError(f"unknown collective {kind!r}; known: {', '.join(KINDS)}, barrier, send, recv")
 
 
 # -- nccl-tests style data: small integers, exact in every dtype, cheap to check --------

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from interconnect import auto, oneshot, ring, tree
+from interconnect import auto, oneshot, ring, sim, tree
 from interconnect import reduce as red
 from interconnect.group import ProcessGroup, split
 from interconnect.reduce import ReduceOp
 
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 ALGORITHMS = {"ring": ring, "tree": tree, "one-shot": oneshot}
 ALGO_NAMES = (*ALGORITHMS, "auto")
 
@@ -28,6 +29,31 @@ def _algo(g: ProcessGroup, op: str, nbytes: int, algo: str):
         raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGO_NAMES)}") from None
 
 
+def _emulated(kind: str, group: ProcessGroup, count: int, dtype: str, algo: str, redop="sum",
+              root: int = 0) -> bool:
+    """On phantom cards: advance this card's clock and ports by the simulated call and return True.
+
+    The group's cards exchange their entry states (clock, send port, receive port) and each
+    simulates the whole call (``interconnect.sim``), which gives what the call's messages would.
+    """
+    fabric = group.fabric
+    if not getattr(fabric, "emulate_only", False):
+        return False
+    if algo not in ALGO_NAMES:
+        raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGO_NAMES)}")
+    ports, clock = fabric.ports, fabric.clock
+    seq = group.begin()
+    states = group.exchange(seq, [clock.now, ports.tx_free, ports.rx_free])
+    call = sim.Call(kind, count, dtype, algo, ReduceOp.parse(redop).name.lower(), root)
+    now, tx, rx = sim.CACHE.run(call, group.ranks, ports.topology, ports.reduce_ns, states)[group.rank]
+    clock.now = now
+    if tx is not None:
+        ports.tx_free = tx
+    if rx is not None:
+        ports.rx_free = rx
+    return True
+
+
 def all_reduce(buf: np.ndarray, op=ReduceOp.SUM, group: ProcessGroup = None, *, dtype: str,
                algo: str = "auto") -> None:
     """Reduce ``buf`` over the group; afterwards every rank holds op(buf_0, ..., buf_{n-1}).
@@ -37,6 +63,8 @@ def all_reduce(buf: np.ndarray, op=ReduceOp.SUM, group: ProcessGroup = None, *, 
     """
     op = ReduceOp.parse(op)
     red.check_op(op, dtype)
+    if _emulated("all_reduce", group, buf.size, dtype, algo, op):
+        return
     seq = group.begin()
     if group.size > 1 and buf.size:
         _algo(group, "all_reduce", buf.nbytes, algo).all_reduce(group, buf, op, dtype, seq)
@@ -53,6 +81,8 @@ def all_gather(output: np.ndarray, input: np.ndarray, group: ProcessGroup = None
     n = group.size
     if output.size != n * input.size:
         raise ValueError(f"all_gather: output has {output.size} elements, needs {n} x {input.size}")
+    if _emulated("all_gather", group, input.size, dtype, algo):
+        return
     seq = group.begin()
     c = input.size
     output[group.rank * c:(group.rank + 1) * c] = input
@@ -71,6 +101,8 @@ def reduce_scatter(output: np.ndarray, input: np.ndarray, op=ReduceOp.SUM, group
     n = group.size
     if input.size != n * output.size:
         raise ValueError(f"reduce_scatter: input has {input.size} elements, needs {n} x {output.size}")
+    if _emulated("reduce_scatter", group, input.size, dtype, algo, op):
+        return
     seq = group.begin()
     work = group.copy(input)
     try:
@@ -90,6 +122,8 @@ def broadcast(buf: np.ndarray, src: int, group: ProcessGroup = None, *, dtype: s
     src=0, rank 0: [7, 8]   ->   every rank: [7, 8]
     """
     _check_root(src, group)
+    if _emulated("broadcast", group, buf.size, dtype, algo, root=src):
+        return
     seq = group.begin()
     if group.size > 1 and buf.size:
         _algo(group, "broadcast", buf.nbytes, algo).broadcast(group, buf, src, dtype, seq)
@@ -104,6 +138,8 @@ def reduce(buf: np.ndarray, dst: int, op=ReduceOp.SUM, group: ProcessGroup = Non
     op = ReduceOp.parse(op)
     red.check_op(op, dtype)
     _check_root(dst, group)
+    if _emulated("reduce", group, buf.size, dtype, algo, op, dst):
+        return
     seq = group.begin()
     if group.size > 1 and buf.size:
         work = group.copy(buf)
@@ -158,3 +194,48 @@ def recv(buf: np.ndarray, src: int, group: ProcessGroup = None, tag: int = 0, *,
 def _check_root(root: int, group: ProcessGroup) -> None:
     if not 0 <= root < group.size:
         raise ValueError(f"root {root} is not a rank of a group of {group.size}")
+
+
+def out_count(kind: str, count: int, n: int) -> int:
+    return count * n if kind == "all_gather" else count // n if kind == "reduce_scatter" else 0
+
+
+def run_collective(kind: str, g: ProcessGroup, data: np.ndarray, dtype: str, algo: str, redop: str, root: int,
+        peer: int = 0, tag: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """Run ``kind`` on this card's ``data`` (modified in place where the collective is in place)."""
+    if kind == "all_reduce":
+        all_reduce(data, redop, g, dtype=dtype, algo=algo)
+        return data
+    if kind == "reduce_scatter" and data.size % g.size:
+        raise ValueError(f"reduce_scatter: {data.size} elements do not split over {g.size} ranks")
+    if kind in ("all_gather", "reduce_scatter") and out is None:
+        out = np.empty(out_count(kind, data.size, g.size), data.dtype)
+    if kind == "all_gather":
+        all_gather(out, data, g, dtype=dtype, algo=algo)
+        return out
+    if kind == "reduce_scatter":
+        reduce_scatter(out, data, redop, g, dtype=dtype, algo=algo)
+        return out
+    if kind == "broadcast":
+        broadcast(data, root, g, dtype=dtype, algo=algo)
+        return data
+    if kind == "reduce":
+        reduce(data, root, redop, g, dtype=dtype, algo=algo)
+        return data
+    if kind == "barrier":
+        barrier(g)
+        return data[:0]
+    if kind == "exchange":  # non-blocking: post the receive and the send, then wait on both
+        out = np.empty_like(data)
+        incoming = irecv(out, (g.rank - 1) % g.size, g, tag, dtype=dtype)
+        outgoing = isend(data, (g.rank + 1) % g.size, g, tag)
+        incoming.wait()
+        outgoing.wait()
+        return out
+    if kind == "send":
+        send(data, peer, g, tag)
+        return data[:0]
+    if kind == "recv":
+        recv(data, peer, g, tag, dtype=dtype)
+        return data
+    raise ValueError(f"unknown collective {kind!r}; known: {', '.join(KINDS)}, barrier, send, recv")

@@ -31,6 +31,14 @@ from interconnect.topology import Topology
 REDUCE_SLICE = 512 << 10  # bytes; NCCL's default chunk for ring steps is of this order (NCCL_BUFFSIZE / steps)
 
 
+@lru_cache(maxsize=1 << 16)
+def _cost(topology: Topology, src: int, dst: int, nbytes: int, flows: tuple) -> tuple[int, int]:
+    """(occupancy, latency) of a message, shared by every port clock on the same topology object."""
+    lat = topology.latency_ns(src, dst)
+    total = topology.transfer_time_ns(src, dst, nbytes, flows or None)
+    return total - lat, lat
+
+
 class PortClock:
     def __init__(self, topology: Topology, rank: int, reduce_ns: Callable[[int], int]):
         self.topology = topology
@@ -38,16 +46,14 @@ class PortClock:
         self.reduce_ns = reduce_ns
         self.tx_free = 0
         self.rx_free = 0
-        self._cost = lru_cache(maxsize=4096)(self._cost_uncached)
 
-    def _cost_uncached(self, src: int, dst: int, nbytes: int, flows: tuple) -> tuple[int, int]:
-        lat = self.topology.latency_ns(src, dst)
-        total = self.topology.transfer_time_ns(src, dst, nbytes, flows or None)
-        return total - lat, lat
+    @property
+    def state(self) -> tuple[int, int]:
+        return self.tx_free, self.rx_free
 
     def depart(self, now: int, dst: int, nbytes: int, flows: tuple = ()) -> dict:
         """Stamp for a message leaving now; updates the send port."""
-        occ, lat = self._cost(self.rank, dst, nbytes, flows)
+        occ, lat = _cost(self.topology, self.rank, dst, nbytes, flows)
         start = max(now, self.tx_free)
         self.tx_free = start + occ
         return {"start": start, "occ": occ, "lat": lat}
@@ -57,6 +63,13 @@ class PortClock:
         arrival = max(stamp["start"] + stamp["lat"] + stamp["occ"], self.rx_free + stamp["occ"])
         self.rx_free = arrival
         return arrival
+
+    def receive(self, now: int, stamp: dict, nbytes: int, reduce: bool) -> tuple[int, int]:
+        """(the receiving card's clock once the message is in, or reduced in; its arrival time)."""
+        arrival = self.arrive(stamp)
+        if reduce:
+            return self.reduce_done(now, arrival, stamp["occ"], nbytes), arrival
+        return max(now, arrival), arrival
 
     def reduce_done(self, clock: int, arrival: int, occ: int, nbytes: int) -> int:
         """Clock after reducing a message of nbytes into a local buffer as it streams in."""

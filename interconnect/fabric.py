@@ -75,6 +75,7 @@ class Message:
     shm: tuple | None = None  # (offset, token) in the sender's window
     data: np.ndarray | None = None  # uint8 view of the payload
     sent: tuple | None = None  # (emulated, wall) time of sending, when real-time shaping is on
+    meta: list | None = None  # a few ints of bookkeeping (``post``), outside the emulated clock
 
     def array(self, dtype: str) -> np.ndarray:
         """The payload as a flat read-only array in the storage dtype of ``dtype``."""
@@ -115,6 +116,9 @@ class Fabric:
         self.ctx, self.rank, self.secret, self.clock = ctx, rank, secret, clock
         self.ports: PortClock | None = None
         self.phantom = phantom
+        # phantom collectives exchange entry states and simulate the rest (interconnect.sim); set
+        # RSD_PHANTOM_MESSAGES=1 to send every message's header instead, as a check of the simulation
+        self.emulate_only = phantom and os.environ.get("RSD_PHANTOM_MESSAGES", "") != "1"
         self.copy_threshold = copy_threshold
         self.recv_timeout = recv_timeout
         self.abort_check = abort_check or (lambda: None)
@@ -228,6 +232,14 @@ class Fabric:
         while token in self._unacked:
             self._pump(f"an acknowledgement of message {token}")
 
+    def post(self, dst: int, tag: tuple, meta: list[int]) -> None:
+        """Send a few ints that the emulated hardware would not send (bookkeeping of the emulation
+        itself): no stamp, no port time, no emulated cost. ``take`` receives them."""
+        self._sock(dst).send(wire.pack({"op": "meta", "src": self.rank, "tag": list(tag), "meta": list(meta)}))
+
+    def take(self, src: int, tag: tuple) -> list[int]:
+        return self._match(src, tuple(tag)).meta
+
     def send(self, dst: int, tag: tuple, payload, nbytes: int | None = None, flows: tuple = ()) -> None:
         self.isend(dst, tag, payload, nbytes, flows).wait()
 
@@ -236,13 +248,9 @@ class Fabric:
         """The message from ``src`` with ``tag``; the card's clock moves to its arrival (and, with
         ``reduce``, past reducing it into a local buffer). Call ``done(msg)`` once its data is used."""
         msg = self._match(src, tuple(tag))
-        arrival = self.ports.arrive(msg.stamp)
+        self.clock.now, arrival = self.ports.receive(self.clock.now, msg.stamp, msg.nbytes, reduce)
         if self.slowdown and msg.sent is not None:
             self._shape(msg.sent, arrival)
-        if reduce:
-            self.clock.now = self.ports.reduce_done(self.clock.now, arrival, msg.stamp["occ"], msg.nbytes)
-        else:
-            self.clock.now = max(self.clock.now, arrival)
         return msg
 
     def irecv(self, src: int, tag: tuple, *, reduce: bool = False) -> "RecvHandle":
@@ -310,6 +318,13 @@ class Fabric:
             offset = self._unacked.pop(int(h["token"]))
             if offset is not None:
                 self.window.free(offset)
+            return
+        if h["op"] == "meta":
+            meta = h["meta"]
+            if not isinstance(meta, list) or not all(type(v) is int for v in meta):
+                raise wire.WireError("meta must be a list of ints")
+            self._early.setdefault((int(h["src"]), tuple(h["tag"])), deque()).append(
+                Message(int(h["src"]), tuple(h["tag"]), 0, {}, meta=meta))
             return
         if h["op"] != "p2p" or len(frames) > 2:
             raise wire.WireError(f"unexpected op {h['op']!r} with {len(frames) - 1} payload frames")

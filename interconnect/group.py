@@ -49,6 +49,15 @@ class ProcessGroup:
     def ring_flows(self) -> tuple:
         return self.flows((i, i + 1) for i in range(self.size)) if self.size > 1 else ()
 
+    def exchange(self, seq: int, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` in group order (an all-gather of a few ints outside the emulated
+        clock: what phantom collectives need to simulate themselves)."""
+        tag = self.tag(seq, -1)
+        for r in range(self.size):
+            if r != self.rank:
+                self.fabric.post(self.card(r), tag, values)
+        return [list(values) if r == self.rank else self.fabric.take(self.card(r), tag) for r in range(self.size)]
+
     # -- data helpers shared by the algorithms ------------------------------------
     def empty(self, count: int, np_dtype) -> np.ndarray:
         """A scratch buffer, registered with the fabric window when there is room (zero-copy sends)."""
@@ -66,7 +75,8 @@ class ProcessGroup:
 
     def copy(self, arr: np.ndarray) -> np.ndarray:
         out = self.empty(arr.size, arr.dtype)
-        out[...] = arr
+        if not self.phantom:  # a phantom buffer holds nothing worth copying
+            out[...] = arr
         return out
 
     def send(self, peer: int, tag: tuple, data: np.ndarray, flows: tuple = ()):

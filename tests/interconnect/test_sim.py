@@ -1,0 +1,72 @@
+"""The in-process simulation of collectives: the cards' emulated figures without their messages."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import assert_no_leaks
+from rsd_runtime.cluster import Cluster
+
+from interconnect import sim
+from interconnect.emulation import memory_reduce_ns
+from interconnect.topology import get_topology
+
+REDUCE = memory_reduce_ns(256e9, 0.8)  # atom-plus figures
+KINDS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce"]
+
+
+def test_one_mib_ring_all_reduce_matches_the_hand_figure():
+    # the same 44,088 ns the cards give (tests/interconnect/test_emulated_clock.py)
+    topo = get_topology("switch", 4)
+    out = sim.simulate(sim.Call("all_reduce", (1 << 20) // 4, "float32", "ring"), [0, 1, 2, 3], topo, REDUCE,
+                       [(0, 0, 0)] * 4)
+    assert max(c for c, _, _ in out) == 44_088
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("algo", ["ring", "tree", "one-shot", "auto"])
+def test_cached_results_equal_fresh_simulations_from_skewed_states(kind, algo):
+    rng = random.Random(f"{kind}{algo}")
+    topo = get_topology("switch-tree", 6, cards_per_leaf=3)
+    cache = sim.SimCache()
+    call = sim.Call(kind, 6 * 1000, "bfloat16", algo, "sum", 2)
+    for _ in range(6):
+        base = rng.randrange(10**9)
+        states = [(base + rng.randrange(5000), base + rng.randrange(-4000, 9000), base + rng.randrange(-9000, 9000))
+                  for _ in range(6)]
+        fresh = sim.simulate(call, list(range(6)), topo, REDUCE, states)
+        for _ in range(2):  # a miss, then a hit
+            cached = cache.run(call, list(range(6)), topo, REDUCE, states)
+            assert cached == fresh
+    assert cache.hits == 6 and cache.misses == 6
+
+
+def test_a_call_that_cannot_complete_is_reported():
+    topo = get_topology("switch", 2)
+
+    world = sim._World()
+    ports = [sim.PortClock(topo, c, REDUCE) for c in range(2)]
+    fabrics = [sim.SimFabric(world, c, sim._Clock(0), ports[c]) for c in range(2)]
+    with pytest.raises(sim.SimDeadlock):
+        world.run([lambda: fabrics[0].recv(1, (0,)), lambda: fabrics[1].recv(0, (0,))])
+
+
+@pytest.fixture(scope="module")
+def clusters(shm_prefix):
+    with Cluster(num_devices=4, shm_prefix=shm_prefix, topology="switch-tree",
+                 topology_options={"cards_per_leaf": 2}) as real, \
+         Cluster(num_devices=4, shm_prefix=shm_prefix, topology="switch-tree", phantom=True,
+                 topology_options={"cards_per_leaf": 2}) as phantom:
+        yield real, phantom
+    assert_no_leaks()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("algo", ["ring", "tree", "one-shot"])
+def test_phantom_cards_simulating_each_call_give_the_real_cards_figures(clusters, kind, algo):
+    real, phantom = clusters
+    for count in (4 * 3, 4 * 300_000):  # a latency-bound and a bandwidth-bound size, window and socket paths
+        a = real.bench_collective(kind, count, "float32", algo=algo, root=1, warmup=1, iters=1)
+        b = phantom.bench_collective(kind, count, "float32", algo=algo, root=1, warmup=1, iters=1)
+        assert a["wrong"] == 0 and b["emu_ns"] == a["emu_ns"], (count, a, b)
