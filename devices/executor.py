@@ -53,9 +53,9 @@ class Executor:
         self.cos, self.sin = rope.cos_sin(positions, self.freq, self.dtype)
         out = None
         for op in self.ops:
-            cost = self.costs.of(op, step)
-            if cost is not None:
-                self.card.clock.now += self.costs.cost.time_ns(cost)
+            ns = self.costs.time_ns(op, step)
+            if ns is not None:
+                self.card.clock.now += ns
             out = getattr(self, "op_" + op["op"])(op, env)
         return out
 

@@ -30,7 +30,8 @@ class InferenceOps:
         if card.phantom:
             from devices.phantom import PhantomExecutor
 
-            self.executor = PhantomExecutor(card, h["program"], group)
+            shapes = {n: tuple(e[2]) for n, e in card.arena.entries.items()}
+            self.executor = PhantomExecutor(card.clock, card.spec, shapes, h["program"], group)
         else:
             import torch
 

@@ -1,9 +1,15 @@
 """The phantom executor: the same command stream, no weights, no math.
 
 It advances the card's emulated clock by exactly what the real executor
-charges (``devices.step``) and runs every collective with headers that state
-the nominal payload size, so peers and links are charged as for real data.
-It needs no torch: a rack of phantom cards fits in a few GB of host memory.
+charges (``devices.step``) and runs every collective with the payload's
+nominal size, so peers and links are charged as for real data (phantom
+collectives simulate themselves from the group's entry states:
+``interconnect.sim``). It needs no torch: a rack of phantom cards fits in a
+few GB of host memory.
+
+The stream is cut into segments: the compute ops between two collectives,
+charged as one integer sum, then the collective. ``rsd_runtime.sim_runner``
+walks the same segments for all ranks of an instance at once.
 """
 from __future__ import annotations
 
@@ -12,29 +18,52 @@ import numpy as np
 from devices.cost import CostModel
 from devices.step import StepCosts, StepPlan
 from interconnect import collectives as coll
+from interconnect.sim import Call
+
+COLLECTIVES = ("all_reduce", "all_gather")
+
+
+def segments(ops: list[dict]) -> list[tuple[list[dict], dict | None]]:
+    """[(compute ops, the collective that follows them or None)], in stream order."""
+    out, run = [], []
+    for op in ops:
+        if op["op"] in COLLECTIVES:
+            out.append((run, op))
+            run = []
+        else:
+            run.append(op)
+    out.append((run, None))
+    return out
+
+
+def collective_call(op: dict, costs: StepCosts, step: StepPlan) -> Call:
+    """The collective a phantom card runs for a stream op: its nominal bytes as uint8."""
+    return Call(op["op"], costs.comm_bytes(op, step), "uint8", "auto")
 
 
 class PhantomExecutor:
-    def __init__(self, card, program: dict, group):
-        self.card = card
+    def __init__(self, clock, spec, shapes: dict[str, tuple], program: dict, group):
+        """``clock``: the card's emulated clock; ``shapes``: its weights' shapes by arena name."""
+        self.clock = clock
         self.ops = program["ops"]
+        self.segments = segments(self.ops)
         meta = program["meta"]
-        cost = CostModel(card.spec, meta["weight_dtype"], meta["compute_dtype"])
-        self.costs = StepCosts(cost, meta, {n: tuple(e[2]) for n, e in card.arena.entries.items()})
+        cost = CostModel(spec, meta["weight_dtype"], meta["compute_dtype"])
+        self.costs = StepCosts(cost, meta, shapes)
         self.group = group
         self.rank = meta["tp_rank"]
         self.vocab_size = meta["vocab_size"]
 
     def step(self, step: StepPlan) -> None:
-        clock = self.card.clock
-        for op in self.ops:
-            cost = self.costs.of(op, step)
-            if cost is not None:
-                clock.now += self.costs.cost.time_ns(cost)
-            elif op["op"] == "all_reduce":
-                buf = np.empty(self.costs.comm_bytes(op, step), np.uint8)
-                coll.all_reduce(buf, "sum", self.group, dtype="uint8")
-            elif op["op"] == "all_gather":
-                piece = np.empty(self.costs.comm_bytes(op, step), np.uint8)
-                coll.all_gather(np.empty(piece.size * self.group.size, np.uint8), piece, self.group, dtype="uint8")
+        clock = self.clock
+        for i, (ops, op) in enumerate(self.segments):
+            clock.now += self.costs.segment_ns(i, ops, step)
+            if op is None:
+                continue
+            call = collective_call(op, self.costs, step)
+            if op["op"] == "all_reduce":
+                coll.all_reduce(np.empty(call.count, np.uint8), "sum", self.group, dtype="uint8")
+            else:
+                coll.all_gather(np.empty(call.count * self.group.size, np.uint8), np.empty(call.count, np.uint8),
+                                self.group, dtype="uint8")
         return None

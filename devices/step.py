@@ -137,11 +137,47 @@ def _int(v, name: str, lo: int) -> int:
     return v
 
 
+_ATTENTION = {"op": "attention"}
+
+
 class StepCosts:
     """The compute cost of each op of a card's stream; None for ops that only move data."""
 
     def __init__(self, cost: CostModel, meta: dict, shapes: dict[str, tuple]):
         self.cost, self.meta, self.shapes = cost, meta, shapes
+        self._memo: dict = {}
+        self._attn_step = self._attn_ns = None
+
+    def time_ns(self, op: dict, step: StepPlan) -> int | None:
+        """Emulated ns of ``op`` in ``step`` (None for ops that only move data), remembered: ops of the
+        same kind and shape cost the same in every layer, and attention the same in every layer of a step."""
+        kind = op["op"]
+        if kind == "attention":
+            if step is not self._attn_step:  # held, so a later plan cannot reuse its address
+                self._attn_step, self._attn_ns = step, self.cost.time_ns(self.of(op, step))
+            return self._attn_ns
+        key = (kind, self.shapes.get(op.get("w")), op.get("b") is not None, op.get("out") == "logits",
+               step.num_tokens, len(step.logit_rows))
+        ns = self._memo.get(key, -1)
+        if ns == -1:
+            cost = self.of(op, step)
+            ns = None if cost is None else self.cost.time_ns(cost)
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            self._memo[key] = ns
+        return ns
+
+    def segment_ns(self, index: int, ops: list[dict], step: StepPlan) -> int:
+        """Emulated ns of a run of compute ops (no collective among them): the same integer sum as
+        charging them one by one, remembered per shape of the step."""
+        key = ("seg", index, step.num_tokens, len(step.logit_rows))
+        got = self._memo.get(key)
+        if got is None:
+            got = (sum(self.time_ns(op, step) or 0 for op in ops if op["op"] != "attention"),
+                   sum(1 for op in ops if op["op"] == "attention"))
+            self._memo[key] = got
+        fixed, n_attn = got
+        return fixed + n_attn * self.time_ns(_ATTENTION, step) if n_attn else fixed
 
     def of(self, op: dict, step: StepPlan) -> OpCost | None:
         kind, T, m = op["op"], step.num_tokens, self.meta

@@ -18,6 +18,7 @@ the same choice from the same inputs, so the group always agrees.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from interconnect.topology import Topology
 
@@ -40,6 +41,11 @@ def _costs(op: str, n: int, size: int, alpha: float, beta: float) -> dict[str, f
 
 
 def choose(op: str, nbytes: int, cards: list[int], topology: Topology) -> str:
+    return _choose(op, nbytes, tuple(cards), topology)
+
+
+@lru_cache(maxsize=1 << 14)
+def _choose(op: str, nbytes: int, cards: tuple, topology: Topology) -> str:
     n = len(cards)
     if n <= 2:
         return "one-shot" if op in ("all_reduce", "all_gather", "reduce_scatter") else "ring"

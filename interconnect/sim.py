@@ -40,6 +40,7 @@ class SimMessage:
     stamp: dict
     data: None = None
     shm: None = None
+    meta: list | None = None
 
 
 class _Done:
@@ -95,9 +96,18 @@ class SimFabric:
     window = None
     epoch = 0
 
-    def __init__(self, world: _World, rank: int, clock, ports: PortClock):
+    def __init__(self, world: _World, rank: int, clock, ports: PortClock, *, emulate_only: bool = False):
+        """``emulate_only``: collectives exchange entry states and use the cached simulation, as phantom
+        cards do (``collectives._emulated``); otherwise they send every message of the algorithm."""
         self.world, self.rank, self.clock, self.ports = world, rank, clock, ports
+        self.emulate_only = emulate_only
         self.touched_tx = self.touched_rx = False
+
+    def post(self, dst: int, tag: tuple, meta: list[int]) -> None:
+        self.world.post(dst, SimMessage(self.rank, tuple(tag), 0, {}, meta=list(meta)))
+
+    def take(self, src: int, tag: tuple) -> list[int]:
+        return self.world.take(self.rank, src, tuple(tag)).meta
 
     def isend(self, dst: int, tag: tuple, payload, nbytes: int | None = None, flows: tuple = ()):
         nbytes = int(payload.nbytes if nbytes is None else nbytes)

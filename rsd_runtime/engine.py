@@ -53,7 +53,10 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, chunk_size: int = 256, max_model_len: int | None = None,
                  kv_utilization: float | None = None, progress: bool = True, phantom: bool = False,
                  check_weights: bool | None = None, cluster: Cluster | None = None, cards: list[int] | None = None,
-                 **cluster_kwargs):
+                 backend: str = "cards", topology=None, **cluster_kwargs):
+        """``backend="sim"`` (phantom only) runs the instance in this process on the emulated clock
+        (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
+        preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology."""
         # bad checkpoints and impossible splits fail before any card starts
         self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress)
         self.model = model
@@ -62,6 +65,7 @@ class LLMEngine:
         self.tp = tp
         self.phantom = phantom
         self.dtype = dtype or cfg.dtype
+        self._max_num_seqs, self._max_batched, self._chunk = max_num_seqs, max_num_batched_tokens, chunk_size
         self.weight_dtype = self.ckpt.dtype("model.embed_tokens.weight") if self.ckpt else cfg.dtype
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = block_size
@@ -74,6 +78,13 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             self.eos_ids.add(self.tokenizer.eos_id)
         self.cards = list(range(tp)) if cards is None else list(cards)
+        if backend == "sim":
+            self._start_sim(device, topology, cluster_kwargs)
+            return
+        if backend != "cards":
+            raise ValueError(f"unknown backend {backend!r}; known: cards, sim")
+        if topology is not None:
+            cluster_kwargs["topology"] = topology
         self.owns_cluster = cluster is None
         self.cluster = cluster or Cluster(num_devices=tp, device=device, phantom=phantom, **cluster_kwargs).start()
         try:
@@ -84,9 +95,35 @@ class LLMEngine:
             self.close()
             raise
         self.runner = CardRunner(self.cluster, self.cards, vocab_size=cfg.vocab_size)
-        self.blocks = BlockManager(self.num_kv_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, chunk_size=chunk_size)
+        self._init_host()
+
+    def _start_sim(self, device, topology, cluster_kwargs) -> None:
+        from devices.spec import DeviceSpec, get_spec
+        from interconnect.topology import get_topology
+        from rsd_runtime.compiler import compile_model
+        from rsd_runtime.deploy import check_fits
+        from rsd_runtime.sim_runner import SimRunner
+
+        if not self.phantom:
+            raise ValueError("the sim backend runs phantom instances only (phantom=True)")
+        spec = device if isinstance(device, DeviceSpec) else get_spec(device)
+        if topology is None or isinstance(topology, str):
+            topology = get_topology(topology or "switch", max(self.cards) + 1,
+                                    cluster_kwargs.get("link", "pcie-gen5-x16"),
+                                    **cluster_kwargs.get("topology_options", {}))
+        self.owns_cluster, self.cluster, self.spec = False, None, spec
+        self.programs = compile_model(self.cfg, self.tp, self.cards)
+        check_fits(self.cfg, self.tp, spec, self.weight_dtype, self.dtype, self.num_kv_blocks, self.block_size,
+                   self.cards[0])
+        self.runner = SimRunner(self.programs, self.cfg, spec, topology, dtype=self.dtype,
+                                weight_dtype=self.weight_dtype)
+        self._init_host()
+
+    def _init_host(self) -> None:
+        """The host side of the engine: KV blocks, scheduler, sampler, the requests it holds."""
+        self.blocks = BlockManager(self.num_kv_blocks, self.block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=self._max_num_seqs,
+                                   max_num_batched_tokens=self._max_batched, chunk_size=self._chunk)
         self.sampler = Sampler()
         self.requests: dict[str | int, Request] = {}  # live requests only
         self._by_seq: dict[int, Request] = {}
@@ -220,15 +257,14 @@ class LLMEngine:
 
     def _postprocess(self, batch: Batch, logits) -> list[RequestOutput]:
         sampling = [s for s in batch.seqs if s.sample]
-        if logits is None:  # phantom cards compute nothing: greedy sampling sees token 0
-            import torch
-
-            logits = torch.zeros(len(sampling), self.cfg.vocab_size)
         reqs = [self._by_seq[s.seq.seq_id] for s in sampling]
-        tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         want = [r.params.logprobs for r in reqs]
         lps = [None] * len(reqs)
-        if any(k is not None for k in want):
+        if logits is None:  # phantom cards compute nothing: every token is 0
+            tokens = [0] * len(reqs)
+        else:
+            tokens = self.sampler.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        if logits is not None and any(k is not None for k in want):
             idx = [i for i, k in enumerate(want) if k is not None]
             for i, (lp, top) in zip(idx, token_logprobs(logits[idx], [tokens[i] for i in idx], [want[i] for i in idx])):
                 lps[i] = TokenLogprob(tokens[i], lp, top)
@@ -300,7 +336,7 @@ class LLMEngine:
         return failed
 
     def close(self) -> None:
-        if self.owns_cluster:
+        if self.owns_cluster and self.cluster is not None:
             self.cluster.shutdown()
 
 
