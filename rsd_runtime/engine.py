@@ -180,8 +180,12 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id, prompt, params: SamplingParams | None = None, *,
-                    arrival_time: float | None = None) -> Request:
-        """Queue a request (prompt: text or token ids). Raises, leaving nothing queued, if it is invalid."""
+                    arrival_time: float | None = None, emu_arrival: int | None = None) -> Request:
+        """Queue a request (prompt: text or token ids). Raises, leaving nothing queued, if it is invalid.
+
+        ``arrival_time`` (wall, time.perf_counter) and ``emu_arrival`` (emulated ns) default to now; an
+        idle engine's clock moves up to ``emu_arrival`` (the replay jumps idle instances to their next
+        arrival)."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine is down ({self.dead}); call recover() first")
         if request_id in self.requests:
@@ -190,10 +194,12 @@ class LLMEngine:
         ids = self.validate(prompt, params)
         seq = Sequence(seq_id=self._seq_ids, prompt_ids=ids, params=params)
         self._seq_ids += 1
+        if emu_arrival is not None and not self.requests:
+            self.emu_now = max(self.emu_now, emu_arrival)
         req = Request(request_id, prompt if isinstance(prompt, str) else None, seq,
                       make_generator(params.seed) if params.temperature > 0 else None,
                       IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None,
-                      TextStop(params), emu_arrival=self.emu_now)
+                      TextStop(params), emu_arrival=self.emu_now if emu_arrival is None else emu_arrival)
         if arrival_time is not None:
             req.arrival = arrival_time
         self.scheduler.add(seq)
