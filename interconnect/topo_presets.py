@@ -1,8 +1,8 @@
 """Named topologies, each built as a graph: a registry of builders.
 
 A builder takes (num_cards, card link or None for its default, **options)
-and returns (graph, card link). Fixed-size presets have `size`; the others
-take any number of cards.
+and returns (graph, card link). Fixed-size presets (the PCIe-fabric study,
+`topo_study`) have `size`; the others take any number of cards.
 """
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ def preset(name: str, default_link: str = GEN5, size: int | None = None):
 
 
 def names() -> list[str]:
+    _load_study()
     return list(_PRESETS)
 
 
 def get(name: str) -> Preset:
+    _load_study()
     try:
         return _PRESETS[name]
     except KeyError:
@@ -58,6 +60,10 @@ def build(name: str, num_cards: int | None, link: LinkSpec | None, **options) ->
         raise ValueError(f"topology {name} has {p.size} cards, not {num_cards}")
     link = link or get_link(p.default_link)
     return p.build(num_cards, link, **options), link
+
+
+def _load_study() -> None:
+    from interconnect import topo_study  # noqa: F401  registers the study presets
 
 
 def _spec(link: str | LinkSpec) -> LinkSpec:

@@ -31,6 +31,27 @@ def test_shared_uplink_gives_what_a_slow_flow_leaves():
     assert topo.transfer_time_ns(0, 2, 1_773_000, flows) == 930 + 100_000
 
 
+def test_root_complex_crossing_is_shared_per_root_port():
+    topo = get_topology("1s-2rp-std-cascade", 16)
+    # 0 -> 8 and 4 -> 12 both cross rp0 -> cpu0 -> rp1: 14.11 GB/s of forwarding, halved
+    both = [(0, 8), (4, 12)]
+    assert topo.flow_bandwidth(both) == {(0, 8): 7.055, (4, 12): 7.055}
+    # 350 + 115 + 115 + 150 + 150 + 115 + 115 + 350 = 1460 ns; 705_500 B / 7.055 GB/s = 100_000 ns
+    assert topo.transfer_time_ns(0, 8, 705_500, both) == 1460 + 100_000
+    assert topo.transfer_time_ns(0, 8, 705_500) == 1460 + 50_000
+    # the other direction has its own channels
+    assert topo.flow_bandwidth([*both, (8, 0)])[(8, 0)] == 14.11
+
+
+def test_flows_through_the_root_complex_leave_the_cable_to_one_that_turns():
+    topo = get_topology("1s-2rp-split-cascade", 16)
+    # all three leave box 0 on cable box0-sw0 (27.73); 1 -> 12 and 2 -> 13 also cross the root
+    # complex (14.11 / 2 = 7.055 each) and freeze first; 0 -> 8 turns in sw0 and takes the rest
+    # of the cable: 27.73 - 2 * 7.055 = 13.62 (an equal split of the cable: 9.243)
+    rates = topo.flow_bandwidth([(0, 8), (1, 12), (2, 13)])
+    assert rates == {(0, 8): 13.62, (1, 12): 7.055, (2, 13): 7.055}
+
+
 def test_two_groups_on_one_uplink_get_half_each():
     tree = get_topology("switch-tree", 8)  # leaves {0..3}, {4..7}
     # group A: card 0 broadcasts to 4, 5, 6 one message at a time (its port serialises them: one
@@ -44,3 +65,11 @@ def test_two_groups_on_one_uplink_get_half_each():
 def test_one_sender_fanning_out_keeps_its_full_port():
     topo = get_topology("switch", 4)
     assert topo.flow_bandwidth([(0, 1), (0, 2), (0, 3)]) == dict.fromkeys([(0, 1), (0, 2), (0, 3)], 55.45)
+
+
+def test_rates_do_not_depend_on_flow_order():
+    topo = get_topology("2s-2rp-split-flat", 16)
+    flows = [(i, (i + 5) % 16) for i in range(16)] + [(i, (i + 9) % 16) for i in range(16)]
+    first = topo.flow_bandwidth(flows)
+    assert get_topology("2s-2rp-split-flat", 16).flow_bandwidth(flows[::-1]) == first
+    assert all(type(topo.transfer_time_ns(s, d, 3 * MiB + 7, flows)) is int for s, d in flows)
