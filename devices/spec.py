@@ -94,6 +94,26 @@ PRESETS: dict[str, DeviceSpec] = {
         op_overhead_ns=4_000,  # CUDA kernel launch, a few us (NVIDIA CUDA best-practices guide)
         source="NVIDIA H100 Tensor Core GPU datasheet (SXM5)",
     ),
+    # AMD Instinct MI300X data sheet (OAM, 2023): 1307.4 TFLOPS dense FP16 and
+    # BF16 (2614.9 with sparsity), 2614.9 TOPS dense INT8, 163.4 TFLOPS FP32
+    # matrix, 192 GB HBM3 at 5.3 TB/s, 256 MB AMD Infinity Cache, 750 W peak
+    # board power, PCIe Gen5 x16 to the host; 7 Infinity Fabric links to its
+    # peers of an 8-GPU platform (link "infinity-fabric-mi300x").
+    "gpu-mi300x": DeviceSpec(
+        name="gpu-mi300x",
+        peak_ops={
+            "bfloat16": 1307.4 * TERA,
+            "float16": 1307.4 * TERA,
+            "float32": 163.4 * TERA,  # matrix FP32, same data sheet
+            "int8": 2614.9 * TERA,
+        },
+        memory_bytes=192 * GiB,  # 8 stacks of 24 GB HBM3
+        memory_bw=5.3e12,
+        sram_bytes=256 * (1 << 20),  # Infinity Cache
+        tdp_watts=750.0,
+        op_overhead_ns=4_000,  # HIP kernel launch, a few us as with CUDA (the gpu-h100 figure)
+        source="AMD Instinct MI300X data sheet; AMD CDNA 3 architecture white paper",
+    ),
 }
 
 

@@ -109,6 +109,68 @@ _LINKS: dict[str, LinkSpec] = {
             raw_gbps=12.5,
             source="IEEE 802.3 (100GBASE); IBTA RoCEv2 Annex A17 (headers)",
         ),
+        LinkSpec(
+            name="pcie-gen4-x16-cable",
+            # A PCIe Gen4 x16 cable between two switches (or a switch and a
+            # root port): the rate of pcie-gen4-x16, but no endpoint on either
+            # end, so a hop is half of each switch (one 105 ns PEX88000
+            # traversal, Broadcom) plus about 2 m of copper at ~0.7 c (~10 ns).
+            bandwidth_gbps=27.73,
+            latency_ns=115,
+            duplex=True,
+            raw_gbps=31.508,
+            source="PCI-SIG PCIe Base Spec 4.0; Broadcom PEX88000 product brief (105 ns port to port)",
+        ),
+        LinkSpec(
+            name="root-complex-gen4",
+            # Peer-to-peer forwarding through a CPU root complex, per root
+            # port and direction: a forwarding rate, not a wire, so raw is the
+            # rate itself. Measured: 7.056 GB/s P2P between two PCIe Gen3 x16
+            # GPUs on one AMD EPYC 7261 (ROCm/ROCmValidationSuite issue #427),
+            # 44.8% of Gen3's 15.754 GB/s against ~88% through a switch; the
+            # same share of Gen4's 31.508 GB/s is 14.11 GB/s (an assumption:
+            # NCCL likewise budgets 16 GB/s for GPU P2P across an AMD CPU,
+            # AMD_BW in src/graph/topo.h). Newer root complexes can forward
+            # near line rate; describe such a host with a faster link in TOML.
+            bandwidth_gbps=14.11,
+            # Assumed, no public figure: the crossing (two root-port hops)
+            # costs 300 ns, about three switch traversals (105 ns, Broadcom
+            # PEX88000) and under the ~500 ns of a DMA to host memory with
+            # DRAM (Neugebauer et al., SIGCOMM 2018).
+            latency_ns=150,
+            duplex=True,
+            raw_gbps=14.11,
+            source="ROCm/ROCmValidationSuite#427 (EPYC P2P 7.056 GB/s at Gen3), scaled to Gen4; NCCL topo.h AMD_BW",
+        ),
+        LinkSpec(
+            name="xgmi-epyc-x4",
+            # Four xGMI links between two AMD EPYC 9004 sockets at 32 Gb/s x16:
+            # 512 GB/s both directions (Lenovo Press LP1852), 256 GB/s each
+            # way; the PCIe packet efficiency (88%) is assumed for its packets.
+            bandwidth_gbps=225.28,
+            # Cross-socket GPU P2P measured 0.44 us against 0.36 us within a
+            # socket on EPYC 9005 (voipmonitor/rtx6kpro, hardware/topology.md).
+            latency_ns=80,
+            duplex=True,
+            raw_gbps=256.0,
+            source="Lenovo Press LP1852 (4 xGMI links, 512 GB/s); voipmonitor/rtx6kpro topology.md (+80 ns)",
+        ),
+        LinkSpec(
+            name="infinity-fabric-mi300x",
+            # One of the seven Infinity Fabric links from an MI300X to each peer
+            # of an 8-GPU OAM platform: 64 GB/s per direction (AMD MI300X data
+            # sheet; CDNA 3 white paper: 896 GB/s = 7 x 128 GB/s both ways).
+            # Measured Infinity Fabric transfers reach up to 81% of peak
+            # (Schieffer et al., KTH/LLNL studies of MI250X and MI300A) -> 51.84;
+            # RCCL budgets 48 GB/s after protocol and FEC (ROCm/rccl#1210).
+            bandwidth_gbps=51.84,
+            # Assumed, no per-link figure is published: as a PCIe card-to-card
+            # path through one switch (700 ns), the endpoints dominating both.
+            latency_ns=700,
+            duplex=True,
+            raw_gbps=64.0,
+            source="AMD Instinct MI300X data sheet and CDNA 3 white paper (64 GB/s per link); ROCm/rccl#1210",
+        ),
     )
 }
 

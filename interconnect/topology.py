@@ -1,24 +1,54 @@
 """Topologies: the links a message from card src to card dst crosses, and what it costs.
 
+A topology is a graph (see `interconnect.topo_graph`) of cards, PCIe
+switches, root ports, CPU sockets, NICs and network switches; each edge is a
+link spec. A route is the one direct fabric link between the two cards if
+there is one (multi-hop fabric routes are never taken, as RCCL never picks a
+2-hop XGMI path: ROCm/rccl#272), else the path through the PCIe tree: up to
+the lowest switch common to both cards and down, across the root complex
+between root ports, across the inter-socket link between sockets, across
+NICs and network switches between hosts. A socket that does not forward
+peer-to-peer cuts the route into store-and-forward stages at host memory.
+
 A link instance is one direction of one port (`LinkId`), so that traffic in
 opposite directions of a full-duplex link does not contend, while flows that
-cross the same direction of the same port do. Contention is equal share, for
-one set of flows that run at once (one step of a collective): each flow gets
-min over its hops of (hop bandwidth / flows on that hop), with both directions
-of a half-duplex link counted together. All times are integer nanoseconds.
+cross the same direction of the same port do. Flows that run at once share
+every channel they cross by max-min fairness (`topo_maxmin`). A card's port
+sends (receives) one message at a time, queueing the rest (see
+interconnect.emulation), so on each channel the flows count as
+min(distinct senders, distinct receivers) concurrent streams, spread evenly
+over the flows: several flows from one sender are one stream. All times are
+integer nanoseconds; rates are exact fractions.
 """
+from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
+import networkx as nx
+
+from interconnect import topo_presets, topo_toml
 from interconnect.links import LinkSpec, exact_gbps, get_link, serialise_ns
+from interconnect.topo_graph import CPU, FABRIC, NET_SWITCH, NIC, ROOT_PORT, SOCKET, SWITCH, tree_view
+from interconnect.topo_maxmin import max_min_rates
 
-UP = "up"  # towards the switch, host or network
-DOWN = "down"  # away from it, towards a card
+UP = "up"  # from an edge's lower node (card side) to its upper node
+DOWN = "down"
 
 Flow = tuple[int, int]
+
+# Labels of the card-to-card matrix, after `nvidia-smi topo -m` (and rocm-smi's XGMI).
+LEGEND = {
+    "X": "self",
+    "XGMI": "a direct card-to-card fabric link (Infinity Fabric / xGMI or NVLink class)",
+    "PIX": "through at most one PCIe switch",
+    "PXB": "through several PCIe switches, without reaching a root port",
+    "PHB": "across the root complex (root ports, host bridge) of one CPU socket",
+    "SYS": "across the root complexes of two sockets and the inter-socket link",
+    "NET": "across NICs and a network",
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,227 +68,204 @@ class Hop:
         return self.link if self.spec.duplex else LinkId(self.link.port, "both")
 
 
-def _spec(link: str | LinkSpec) -> LinkSpec:
-    return link if isinstance(link, LinkSpec) else get_link(link)
+@dataclass(slots=True, frozen=True)
+class Stage:
+    """Hops crossed cut-through, and the host-memory latency paid at the stage's ends."""
+    hops: tuple[Hop, ...]
+    overhead_ns: int
+    channels: tuple[int, ...]  # distinct channels, as the topology numbers them
+
+    @property
+    def latency_ns(self) -> int:
+        return sum(h.spec.latency_ns for h in self.hops) + self.overhead_ns
 
 
 class Topology:
-    """Base: subclasses give `_stages`, the path cut where a message is stored whole.
+    """Routes and costs over a checked topology graph (`GraphBuilder.build`).
 
-    A stage is cut-through: its bandwidth term is counted once however many
-    hops it has. A message pays, per stage, the stage's hop latencies plus
-    `stage_overhead_ns`, plus ceil(nbytes / stage bottleneck bandwidth).
+    A message pays, per stage, the stage's hop latencies and host overheads,
+    plus ceil(nbytes / its max-min rate on the stage).
     """
 
-    name = "base"
-    stage_overhead_ns = 0
-
-    def __init__(self, num_cards: int, link: str | LinkSpec = "pcie-gen5-x16"):
-        if not isinstance(num_cards, int) or num_cards < 1:
-            raise ValueError(f"num_cards must be a positive int, got {num_cards!r}")
-        self.num_cards = num_cards
-        self.link = _spec(link)
+    def __init__(self, graph: nx.Graph, name: str, link: LinkSpec):
+        self.graph = graph
+        self.name = name
+        self.link = link  # the cards' own link
+        self.cards: list[str] = graph.graph["cards"]
+        self.num_cards = len(self.cards)
+        self._tree = tree_view(graph)
+        self._hops: dict[tuple[str, str], Hop] = {}
+        self._channel_ids: dict[LinkId, int] = {}
+        self._capacity: list[Fraction] = []  # GB/s, exact, per channel number
+        self._stages = lru_cache(maxsize=None)(self._stages_uncached)
+        self._paths_from = lru_cache(maxsize=None)(lambda card: nx.single_source_shortest_path(self._tree, card))
+        self._rates = lru_cache(maxsize=256)(self._rates_uncached)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_cards={self.num_cards}, link={self.link.name!r})"
+        return f"Topology({self.name!r}, num_cards={self.num_cards}, link={self.link.name!r})"
 
-    def _stages(self, src: int, dst: int) -> list[list[Hop]]:
-        raise NotImplementedError
+    # -- routes ----------------------------------------------------------------
+    def _check_card(self, card: int) -> None:
+        if not isinstance(card, int) or isinstance(card, bool) or not 0 <= card < self.num_cards:
+            raise ValueError(f"card {card!r} out of range for {self.num_cards} cards")
 
-    def _card(self, card: int, direction: str) -> Hop:
-        return Hop(LinkId(f"card{card}", direction), self.link)
-
-    def stages(self, src: int, dst: int) -> list[list[Hop]]:
-        for card in (src, dst):
-            if not isinstance(card, int) or not 0 <= card < self.num_cards:
-                raise ValueError(f"card {card!r} out of range for {self.num_cards} cards")
+    def _check(self, src: int, dst: int) -> None:
+        self._check_card(src)
+        self._check_card(dst)
         if src == dst:
             raise ValueError(f"no path from card {src} to itself")
-        return self._stages(src, dst)
+
+    def route(self, src: int, dst: int) -> list[str]:
+        """The nodes a message from card src to card dst crosses, both cards included."""
+        self._check(src, dst)
+        a, b = self.cards[src], self.cards[dst]
+        if self.graph.has_edge(a, b):
+            return [a, b]
+        return self._paths_from(a)[b]
+
+    def _hop(self, a: str, b: str) -> Hop:
+        hop = self._hops.get((a, b))
+        if hop is None:
+            e = self.graph.edges[a, b]
+            hop = self._hops[a, b] = Hop(LinkId(e["port"], UP if a == e["lower"] else DOWN), e["spec"])
+        return hop
+
+    def _stages_uncached(self, src: int, dst: int) -> tuple[Stage, ...]:
+        nodes = self.route(src, dst)
+        cuts = [i for i in range(1, len(nodes) - 1) if self._stores(nodes[i])]
+        bounds = [0, *cuts, len(nodes) - 1]
+        stages = []
+        for k in range(len(bounds) - 1):
+            lo, hi = bounds[k], bounds[k + 1]
+            overhead = sum(self.graph.nodes[nodes[i]]["host_latency_ns"] for i in (lo, hi) if i in cuts)
+            hops = tuple(self._hop(nodes[i], nodes[i + 1]) for i in range(lo, hi))
+            stages.append(Stage(hops, overhead, tuple(dict.fromkeys(self._channel(h) for h in hops))))
+        return tuple(stages)
+
+    def _channel(self, hop: Hop) -> int:
+        ch = hop.channel
+        if ch not in self._channel_ids:
+            self._channel_ids[ch] = len(self._capacity)
+            self._capacity.append(exact_gbps(hop.spec.bandwidth_gbps))
+        return self._channel_ids[ch]
+
+    def _stores(self, node: str) -> bool:
+        data = self.graph.nodes[node]
+        return data["kind"] == CPU and not data["p2p"]
+
+    def stages(self, src: int, dst: int) -> list[list[Hop]]:
+        """The path cut where a message is stored whole (at host memory when a socket does not forward P2P)."""
+        self._check(src, dst)
+        return [list(s.hops) for s in self._stages(src, dst)]
 
     def path(self, src: int, dst: int) -> list[Hop]:
         return [hop for stage in self.stages(src, dst) for hop in stage]
 
+    def relation(self, src: int, dst: int) -> str:
+        """The card-to-card matrix label (see LEGEND)."""
+        if src == dst:
+            self._check_card(src)
+            return "X"
+        nodes = self.route(src, dst)
+        kinds = [self.graph.nodes[n]["kind"] for n in nodes[1:-1]]
+        if not kinds:
+            return "XGMI"
+        if NET_SWITCH in kinds or NIC in kinds:
+            return "NET"
+        if any(self.graph.edges[a, b]["kind"] == SOCKET for a, b in zip(nodes, nodes[1:])):
+            return "SYS"
+        if CPU in kinds or ROOT_PORT in kinds:
+            return "PHB"
+        return "PIX" if kinds.count(SWITCH) <= 1 else "PXB"
+
+    @property
+    def num_groups(self) -> int:
+        """Groups of cards that hang from one node (a switch, a socket)."""
+        return len({self._parent(c) for c in self.cards})
+
+    def _parent(self, card: str) -> str | None:
+        ups = [n for n in self.graph[card] if self.graph.edges[card, n]["kind"] != FABRIC]
+        return ups[0] if ups else None
+
+    # -- costs -----------------------------------------------------------------
     def latency_ns(self, src: int, dst: int) -> int:
-        stages = self.stages(src, dst)
-        return sum(h.spec.latency_ns for s in stages for h in s) + self.stage_overhead_ns * len(stages)
+        self._check(src, dst)
+        return sum(s.latency_ns for s in self._stages(src, dst))
 
     def bottleneck_gbps(self, src: int, dst: int) -> float:
         return min(h.spec.bandwidth_gbps for h in self.path(src, dst))
 
-    def _load(self, flows: Iterable[Flow]) -> Counter:
-        """Concurrent streams per channel: min(distinct senders, distinct receivers) crossing it.
-
-        A card's own port sends (receives) one message at a time, queueing the
-        rest (see interconnect.emulation), so several flows from one sender, or
-        to one receiver, are one stream on any link they share.
-        """
-        srcs: dict = {}
-        dsts: dict = {}
+    def _rates_uncached(self, flows: tuple[Flow, ...]) -> dict[tuple[Flow, int], Fraction]:
+        """Max-min rate (GB/s) of every stage of every flow, the flows running at once."""
+        paths: dict[tuple[Flow, int], tuple[int, ...]] = {}
+        senders: dict[int, set[int]] = {}
+        receivers: dict[int, set[int]] = {}
+        users: dict[int, int] = {}
         for src, dst in flows:
-            for ch in {hop.channel for hop in self.path(src, dst)}:
-                srcs.setdefault(ch, set()).add(src)
-                dsts.setdefault(ch, set()).add(dst)
-        return Counter({ch: min(len(srcs[ch]), len(dsts[ch])) for ch in srcs})
+            self._check(src, dst)
+            for i, stage in enumerate(self._stages(src, dst)):
+                paths[(src, dst), i] = stage.channels
+                for c in stage.channels:
+                    senders.setdefault(c, set()).add(src)
+                    receivers.setdefault(c, set()).add(dst)
+                    users[c] = users.get(c, 0) + 1
+        capacity = {c: self._capacity[c] for c in users}
+        # each flow on a channel is one of `users` time-sharing min(S, R) streams
+        weight = {c: Fraction(min(len(senders[c]), len(receivers[c])), n) for c, n in users.items()}
+        caps = {sf: min(capacity[c] for c in cs) for sf, cs in paths.items()}  # alone on its slowest hop
+        return max_min_rates(paths, capacity, weight, caps)
 
-    @staticmethod
-    def _share(hops: list[Hop], load: Counter) -> Fraction:
-        return min(exact_gbps(h.spec.bandwidth_gbps) / load[h.channel] for h in hops)
+    def _flow_rates(self, flows: Iterable[Flow]) -> dict[tuple[Flow, int], Fraction]:
+        return self._rates(tuple(dict.fromkeys((s, d) for s, d in flows)))
 
     def flow_bandwidth(self, flows: list[Flow]) -> dict[Flow, float]:
-        """GB/s each flow gets while all `flows` run at once (equal share per link direction).
+        """GB/s each flow gets while all `flows` run at once (max-min fair over every channel).
 
-        A pair listed twice is two flows; both get the value stored under it.
-        This is the slowest hop's share, not end-to-end goodput: for a
+        A pair listed twice counts once: its messages share both card ports.
+        This is the slowest stage's rate, not end-to-end goodput: for a
         store-and-forward topology use transfer_time_ns.
         """
-        load = self._load(flows)
-        return {(s, d): float(self._share(self.path(s, d), load)) for s, d in flows}
+        rates = self._flow_rates(flows)
+        best: dict[Flow, Fraction] = {}
+        for (flow, _), r in rates.items():
+            best[flow] = min(r, best.get(flow, r))
+        return {(s, d): float(best[(s, d)]) for s, d in flows}
 
     def transfer_time_ns(
         self, src: int, dst: int, nbytes: int, concurrent_flows: Iterable[Flow] | None = None
     ) -> int:
-        """Latency + ceil(nbytes / bottleneck share), summed over stages, in integer ns.
+        """Latency + ceil(nbytes / max-min rate), summed over stages, in integer ns.
 
         `concurrent_flows` is the set of flows running at the same time;
         (src, dst) is counted once whether or not it is listed.
         """
-        flows = list(concurrent_flows or ())
-        if (src, dst) not in flows:
-            flows.append((src, dst))
-        load = self._load(flows)
-        total = 0
-        for stage in self.stages(src, dst):
-            total += sum(h.spec.latency_ns for h in stage) + self.stage_overhead_ns
-            total += serialise_ns(nbytes, self._share(stage, load))
-        return total
+        self._check(src, dst)
+        rates = self._flow_rates([*(concurrent_flows or ()), (src, dst)])
+        return sum(stage.latency_ns + serialise_ns(nbytes, rates[(src, dst), i])
+                   for i, stage in enumerate(self._stages(src, dst)))
 
 
-class SwitchTopology(Topology):
-    """All cards under one PCIe switch, P2P: card src uplink -> switch -> card dst downlink.
+def get_topology(name: str, num_cards: int | None, link: str | LinkSpec | None = None, **options) -> Topology:
+    """A preset by name (see `topology_names`), or a graph from a TOML file (a path ending in .toml).
 
-    Two hops, cut-through. Each hop's latency is one endpoint's stages plus
-    half the switch, so the 2 x latency_ns of a path is one switch traversal
-    end to end (700 ns on pcie-gen5-x16). Time: 2*L + ceil(n / B).
+    link: the cards' own link (default: the preset's, pcie-gen5-x16 for the
+    original four). num_cards None takes a fixed-size preset's or the file's
+    own count. options: host_latency_ns (host-staged), cards_per_leaf and
+    uplink (switch-tree), cards_per_node and network (multi-node).
     """
-
-    name = "switch"
-
-    def _stages(self, src, dst):
-        return [[self._card(src, UP), self._card(dst, DOWN)]]
-
-
-class HostStagedTopology(Topology):
-    """No P2P: card src -> root complex -> host memory, then host memory -> root complex -> card dst.
-
-    Two store-and-forward stages, each a full transfer on one card's root-port
-    link, each paying host_latency_ns for the root complex and DRAM. For a
-    transfer alone on the fabric, with L = link latency, H = host_latency_ns,
-    B = link bandwidth:
-        T_host(n)   = 2*(L + H) + 2*ceil(n / B)
-        T_switch(n) = 2*L + ceil(n / B)
-        T_host(n)   = 2*T_switch(n) + 2*(H - L)     (+300 ns on the defaults)
-    so the ratio tends to 2 for large messages. Host DRAM bandwidth (hundreds
-    of GB/s) is not modelled as a shared limit.
-    """
-
-    name = "host-staged"
-
-    def __init__(self, num_cards: int, link: str | LinkSpec = "pcie-gen5-x16", host_latency_ns: int = 500):
-        super().__init__(num_cards, link)
-        # Root complex plus DRAM: a DMA read of host memory costs about half a
-        # microsecond (Neugebauer et al., "Understanding PCIe performance for
-        # end host networking", SIGCOMM 2018).
-        if not isinstance(host_latency_ns, int) or host_latency_ns < 0:
-            raise ValueError(f"host_latency_ns must be a non-negative int, got {host_latency_ns!r}")
-        self.stage_overhead_ns = host_latency_ns
-
-    def _stages(self, src, dst):
-        return [[self._card(src, UP)], [self._card(dst, DOWN)]]
-
-
-class _GroupedTopology(Topology):
-    """Cards in groups under one PCIe switch each; groups joined by one shared uplink per group.
-
-    Within a group: card up -> card down (as `switch`). Across groups: card up
-    -> group uplink -> peer group downlink -> card down, four hops cut-through,
-    so every cross-group flow leaving (entering) a group shares its uplink
-    (downlink) direction.
-    """
-
-    group_port = "group{}"
-
-    def __init__(self, num_cards: int, link: str | LinkSpec, group_size: int, uplink: str | LinkSpec):
-        super().__init__(num_cards, link)
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group size must be a positive int, got {group_size!r}")
-        self.group_size = group_size
-        self.uplink = _spec(uplink)
-
-    @property
-    def num_groups(self) -> int:
-        return -(-self.num_cards // self.group_size)
-
-    def group_of(self, card: int) -> int:
-        return card // self.group_size
-
-    def _stages(self, src, dst):
-        a, b = self.group_of(src), self.group_of(dst)
-        if a == b:
-            return [[self._card(src, UP), self._card(dst, DOWN)]]
-        return [[
-            self._card(src, UP),
-            Hop(LinkId(self.group_port.format(a), UP), self.uplink),
-            Hop(LinkId(self.group_port.format(b), DOWN), self.uplink),
-            self._card(dst, DOWN),
-        ]]
-
-
-class SwitchTreeTopology(_GroupedTopology):
-    """Leaf PCIe switches of cards_per_leaf cards under one root switch (GigaIO-style study).
-
-    Cross-leaf latency is 4 hops (1400 ns on pcie-gen5-x16) against 2 within
-    a leaf; the uplink defaults to the card link.
-    """
-
-    name = "switch-tree"
-    group_port = "leaf{}"
-
-    def __init__(self, num_cards, link="pcie-gen5-x16", cards_per_leaf=4, uplink=None):
-        super().__init__(num_cards, link, cards_per_leaf, uplink if uplink is not None else link)
-
-
-class MultiNodeTopology(_GroupedTopology):
-    """Nodes of cards_per_node cards under a PCIe switch, one NIC per node on a network link.
-
-    The NIC's own PCIe port (Gen5 x16, 55 GB/s) is faster than the network
-    and carries the same flows, so it is folded into the NIC hop.
-    """
-
-    name = "multi-node"
-    group_port = "node{}-nic"
-
-    def __init__(self, num_cards, link="pcie-gen5-x16", cards_per_node=8, network="ib-ndr"):
-        super().__init__(num_cards, link, cards_per_node, network)
-
-
-_TOPOLOGIES: dict[str, type[Topology]] = {
-    cls.name: cls for cls in (SwitchTopology, HostStagedTopology, SwitchTreeTopology, MultiNodeTopology)
-}
+    spec = None if link is None else link if isinstance(link, LinkSpec) else get_link(link)
+    if str(name).endswith(".toml"):
+        if options:
+            raise ValueError(f"{name}: a topology file takes no options, got {sorted(options)}")
+        graph, file_name, card_link = topo_toml.load(name, spec)
+        topo = Topology(graph, file_name, card_link)
+    else:
+        graph, card_link = topo_presets.build(name, num_cards, spec, **options)
+        topo = Topology(graph, name, card_link)
+    if num_cards is not None and topo.num_cards != num_cards:
+        raise ValueError(f"topology {name} has {topo.num_cards} cards, not {num_cards}")
+    return topo
 
 
 def topology_names() -> list[str]:
-    return list(_TOPOLOGIES)
-
-
-def get_topology(name: str, num_cards: int, link: str | LinkSpec = "pcie-gen5-x16", **options) -> Topology:
-    """Build a preset: `switch` (default), `host-staged`, `switch-tree`, `multi-node`.
-
-    options: host_latency_ns (host-staged), cards_per_leaf and uplink
-    (switch-tree), cards_per_node and network (multi-node).
-    """
-    try:
-        cls = _TOPOLOGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown topology {name!r}; known topologies: {', '.join(_TOPOLOGIES)}") from None
-    return cls(num_cards, link, **options)
+    return topo_presets.names()

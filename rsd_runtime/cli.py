@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _common(p, defaults=True)
+    from rsd_runtime import topo_cli  # registers `topo`; imported here, as it imports this module
+    COMMANDS.setdefault("topo", topo_cli.COMMAND)  # when this module runs as __main__
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,

@@ -168,3 +168,25 @@ def test_integer_and_deterministic(name):
 def test_gen4_link_doubles_bandwidth_term():
     gen4 = get_topology("switch", 2, link="pcie-gen4-x16")
     assert gen4.transfer_time_ns(0, 1, 64 * MiB) == 700 + 2_420_082
+
+
+@pytest.mark.parametrize("name, src, dst, nodes, label", [
+    ("switch", 2, 5, ["card2", "sw0", "card5"], "PIX"),
+    ("host-staged", 0, 1, ["card0", "cpu0", "card1"], "PHB"),
+    ("switch-tree", 0, 3, ["card0", "leaf0", "card3"], "PIX"),
+    ("switch-tree", 1, 6, ["card1", "leaf0", "root", "leaf1", "card6"], "PXB"),
+    ("multi-node", 0, 8, ["card0", "node0", "net", "node1", "card8"], "NET"),
+])
+def test_routes_of_the_original_presets(name, src, dst, nodes, label):
+    topo = get_topology(name, 16)
+    assert topo.route(src, dst) == nodes
+    assert topo.route(dst, src) == nodes[::-1]
+    assert topo.relation(src, dst) == label
+    assert topo.relation(src, src) == "X"
+
+
+def test_repr_and_card_count():
+    assert repr(get_topology("switch", 4)) == "Topology('switch', num_cards=4, link='pcie-gen5-x16')"
+    assert repr(get_topology("switch", 2, link="pcie-gen4-x16")).endswith("link='pcie-gen4-x16')")
+    with pytest.raises(ValueError, match="needs a number of cards"):
+        get_topology("switch-tree", None)
