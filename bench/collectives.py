@@ -138,4 +138,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.common import entry
+
+    entry(main, "python -m bench.collectives")

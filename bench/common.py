@@ -42,3 +42,27 @@ def write_json(path: str, benchmark: str, config: dict, records: list[dict], **e
            "config": config, "records": records, **extra}
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
+
+
+# Errors a benchmark reports as one line (exit 2) rather than a traceback: bad options, models
+# that do not fit, cards that fail.
+def _expected_errors() -> tuple:
+    from devices.shm import SegmentError
+    from rsd_runtime.errors import CardDied, CardError, ClusterError
+
+    return (ValueError, MemoryError, OSError, ClusterError, CardDied, CardError, SegmentError)
+
+
+def entry(main, prog: str):
+    """Run a benchmark's ``main()`` as a program: one line and exit 2 on a known error, 130 on Ctrl-C."""
+    import sys
+
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; cards shut down", file=sys.stderr)
+        code = 130
+    except _expected_errors() as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

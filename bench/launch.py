@@ -74,4 +74,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.common import entry
+
+    entry(main, "python -m bench.launch")

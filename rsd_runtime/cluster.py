@@ -49,7 +49,7 @@ class Cluster:
     def __init__(self, num_devices: int = 1, device: str | DeviceSpec = "atom-plus", *, phantom: bool = False,
                  shm_prefix: str = shm.DEFAULT_PREFIX, start_timeout: float = 60.0,
                  heartbeat_timeout: float = 10.0, card_log_level: str | None = None,
-                 topology: str = "switch", link: str = "pcie-gen5-x16", topology_options: dict | None = None,
+                 topology: str = "switch", link: str | None = None, topology_options: dict | None = None,
                  transport: str = "ipc", tcp_host: str = "127.0.0.1", slowdown: float = 0.0):
         if not isinstance(num_devices, int) or num_devices < 1:
             raise ClusterError(f"num_devices must be a whole number >= 1, got {num_devices!r}")

@@ -109,7 +109,7 @@ class LLMEngine:
         spec = device if isinstance(device, DeviceSpec) else get_spec(device)
         if topology is None or isinstance(topology, str):
             topology = get_topology(topology or "switch", max(self.cards) + 1,
-                                    cluster_kwargs.get("link", "pcie-gen5-x16"),
+                                    cluster_kwargs.get("link"),
                                     **cluster_kwargs.get("topology_options", {}))
         self.owns_cluster, self.cluster, self.spec = False, None, spec
         self.programs = compile_model(self.cfg, self.tp, self.cards)

@@ -32,24 +32,41 @@ from rsd_runtime.engine import LLMEngine, resolve_model
 
 
 class PerfRunner:
-    """``instances`` engines on ``tp x instances`` phantom cards of one cluster, stepped together."""
+    """``instances`` engines on ``tp x instances`` phantom cards, stepped together.
+
+    ``backend="sim"`` (default) runs the instances in this process on the emulated clock;
+    ``"cards"`` on phantom card processes of one cluster. Both give the same figures.
+    """
 
     def __init__(self, model: str, *, tp: int, instances: int = 1, device: str = "atom-plus",
                  dtype: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_utilization: float = 0.9, **cluster_kwargs):
+                 kv_utilization: float = 0.9, backend: str = "sim", topology: str = "switch",
+                 link: str | None = None, topology_options: dict | None = None, **cluster_kwargs):
         _, cfg, _ = resolve_model(model, phantom=True)
         check_tp(cfg, tp)
         self.cfg, self.tp, self.instances = cfg, tp, instances
         self.spec = get_spec(device)
-        self.cluster = Cluster(num_devices=tp * instances, device=self.spec, phantom=True, **cluster_kwargs).start()
-        try:
-            self.engines = [LLMEngine(model, tp, cluster=self.cluster, cards=list(range(i * tp, (i + 1) * tp)),
-                                      dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                                      kv_utilization=kv_utilization, progress=False, phantom=True)
-                            for i in range(instances)]
-        except BaseException:
-            self.cluster.shutdown()
-            raise
+        n = tp * instances
+        kw = dict(dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks, kv_utilization=kv_utilization,
+                  progress=False, phantom=True)
+        self.cluster = None
+        if backend == "sim":
+            from interconnect.topology import get_topology
+
+            topo = get_topology(topology, n, link, **(topology_options or {}))
+            self.engines = [LLMEngine(model, tp, device=self.spec, cards=list(range(i * tp, (i + 1) * tp)),
+                                      backend="sim", topology=topo, **kw) for i in range(instances)]
+        elif backend == "cards":
+            self.cluster = Cluster(num_devices=n, device=self.spec, phantom=True, topology=topology, link=link,
+                                   topology_options=topology_options, **cluster_kwargs).start()
+            try:
+                self.engines = [LLMEngine(model, tp, cluster=self.cluster, cards=list(range(i * tp, (i + 1) * tp)),
+                                          **kw) for i in range(instances)]
+            except BaseException:
+                self.cluster.shutdown()
+                raise
+        else:
+            raise ValueError(f"unknown backend {backend!r}; known: sim, cards")
         first = self.engines[0]
         self.dtype, self.block_size, self.num_kv_blocks = first.dtype, block_size, first.num_kv_blocks
         self.emu_now = 0
@@ -77,16 +94,20 @@ class PerfRunner:
             rows.append(row + n - 1)
             row += n
         plan = StepPlan(self.emu_now, layout, rows)
-        blob = plan.pack()
-        futs = [e.runner.submit(plan, blob) for e in self.engines]
-        end = max(e.runner.collect(plan, f)[1] for e, f in zip(self.engines, futs))
+        if self.cluster is None:
+            end = max(e.runner.run(plan)[1] for e in self.engines)
+        else:
+            blob = plan.pack()
+            futs = [e.runner.submit(plan, blob) for e in self.engines]
+            end = max(e.runner.collect(plan, f)[1] for e, f in zip(self.engines, futs))
         self._cache[key] = took = end - self.emu_now
         self.emu_now = end
         self.steps_run += 1
         return took
 
     def close(self) -> None:
-        self.cluster.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
 
     def __enter__(self) -> "PerfRunner":
         return self

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
+import pytest
 
 from bench import inference
+from devices.memory import OutOfDeviceMemory
 
 ARGS = ["--model", "llama3-8b", "--device", "atom-plus", "--tp", "4", "--instances", "2", "--input-len", "256",
         "--output-len", "64", "--batch-size", "1", "8", "--scaling-tp", "8"]
@@ -35,9 +40,27 @@ def test_inference_bench_repeats_exactly(tmp_path, shm_prefix, capsys):
     assert "max TPS at best batch" in text and "scaling" in text
 
 
-def test_batch_that_does_not_fit_names_card_and_missing_memory(tmp_path, shm_prefix, capsys):
-    rc = inference.main(["--model", "llama3-8b", "--tp", "2", "--input-len", "4096", "--output-len", "4096",
-                         "--batch-size", "512", "--shm-prefix", shm_prefix])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "card 0: a batch of 512 x 8192 tokens needs" in err and "missing" in err
+def test_batch_that_does_not_fit_names_card_and_missing_memory(shm_prefix):
+    with pytest.raises(OutOfDeviceMemory, match=r"card 0: a batch of 512 x 8192 tokens needs .*missing"):
+        inference.main(["--model", "llama3-8b", "--tp", "2", "--input-len", "4096", "--output-len", "4096",
+                        "--batch-size", "512", "--shm-prefix", shm_prefix])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "nosuch"], "unknown device preset 'nosuch'"),
+    (["--model", "llama3-8b", "--tp", "3"], "cannot split this model over tp=3"),
+    (["--topology", "torus"], "unknown topology 'torus'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "bench.inference", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    proc = subprocess.Popen([sys.executable, "-m", "bench.inference", "--sweep-batch", "--decode-samples", "0",
+                             "--backend", "sim"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("# llama3-8b")  # it is working
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
