@@ -40,8 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int32", "int64"])
     p.add_argument("--redop", default="sum", choices=["sum", "max", "min"])
     p.add_argument("--root", type=int, default=0, help="root of broadcast and reduce")
-    p.add_argument("--link", default="pcie-gen5-x16", choices=link_names())
-    p.add_argument("--topology", default="switch", choices=topology_names())
+    p.add_argument("--link", choices=link_names(), help="the cards' own link (default: the topology's)")
+    p.add_argument("--topology", default="switch",
+                   help=f"preset ({', '.join(topology_names())}) or a .toml file")
     p.add_argument("--device", default="atom-plus", choices=list(PRESETS))
     p.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
     p.add_argument("--phantom", action="store_true", help="emulated clock only: no bytes move")
@@ -49,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first (nccl-tests -w)")
     p.add_argument("--vs-gloo", action="store_true", help="also run gloo on the same sizes and print ratios")
     p.add_argument("--json", metavar="PATH", help="write the config and one record per row")
-    p.add_argument("--shm-prefix", default="rsdbench")
+    p.add_argument("--shm-prefix", default="rsdbench", help="prefix of the run's /dev/shm segments")
     return p.parse_args(argv)
 
 
@@ -83,20 +84,33 @@ def record(op, algo, n, nbytes, count, args, res) -> dict:
             "root": args.root if op in ("broadcast", "reduce") else None,
             "wall_us": wall_us, "wall_algbw_gbps": wall_alg, "wall_busbw_gbps": wall_alg * factor,
             "emu_us": emu_us, "emu_algbw_gbps": emu_alg, "emu_busbw_gbps": emu_alg * factor,
-            "wrong": res["wrong"], "link": args.link, "topology": args.topology}
+            "wrong": res["wrong"], "link": args.link or "default", "topology": args.topology}
 
 
 def print_row(r: dict, first: bool) -> None:
     if first:
         print(f"\n# {r['op']}  algo={r['algo']}  {r['world_size']} cards  {r['topology']} / {r['link']}")
         print(f"#{'':>38}{'-------- wall clock --------':>32}  {'------ emulated clock ------':>30}")
-        print(f"#{'size':>10} {'count':>11} {'type':>9} {'redop':>6} {'root':>5}   {'time(us)':>10} "
-              f"{'algbw':>8} {'busbw':>8}   {'time(us)':>10} {'algbw':>8} {'busbw':>8}  {'#wrong':>6}")
+        print(f"#{'size':>10} {'count':>11} {'type':>9} {'redop':>6} {'root':>5}   {'time':>10} "
+              f"{'algbw':>8} {'busbw':>8}   {'time':>10} {'algbw':>8} {'busbw':>8}  {'#wrong':>6}")
+        print(f"#{'(B)':>10} {'(elements)':>11} {'':>9} {'':>6} {'':>5}   {'(us)':>10} "
+              f"{'(GB/s)':>8} {'(GB/s)':>8}   {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8}")
     wrong = "n/a" if r["wrong"] is None else str(r["wrong"])
     print(f" {r['bytes']:>10} {r['count']:>11} {r['dtype']:>9} {r['redop'] or '-':>6} "
           f"{'-' if r['root'] is None else r['root']:>5}   {r['wall_us']:>10.1f} {r['wall_algbw_gbps']:>8.3f} "
           f"{r['wall_busbw_gbps']:>8.3f}   {r['emu_us']:>10.2f} {r['emu_algbw_gbps']:>8.2f} "
           f"{r['emu_busbw_gbps']:>8.2f}  {wrong:>6}", flush=True)
+
+
+def print_averages(records: list[dict]) -> None:
+    """nccl-tests' closing line, per op and algorithm: the mean bus bandwidth over the sizes run."""
+    print()
+    for key in dict.fromkeys((r["op"], r["algo"]) for r in records):
+        rows = [r for r in records if (r["op"], r["algo"]) == key]
+        wall = sum(r["wall_busbw_gbps"] for r in rows) / len(rows)
+        emu = sum(r["emu_busbw_gbps"] for r in rows) / len(rows)
+        print(f"# Avg bus bandwidth    : {wall:8.3f} GB/s wall, {emu:8.3f} GB/s emulated   "
+              f"({key[0]}, {key[1]}, {len(rows)} sizes)")
 
 
 def versus_gloo(args, records: list[dict]) -> list[dict]:
@@ -123,10 +137,12 @@ def versus_gloo(args, records: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"# rsd-runtime collectives: {args.devices} x {args.device}, {args.topology} over {args.link}, "
+    print(f"# rsd-runtime collectives: {args.devices} x {args.device}, {args.topology} over "
+          f"{args.link or 'its default link'}, "
           f"{args.transport}{', phantom' if args.phantom else ''}; warm-up {args.warmup}, "
           f"wall = slowest card's mean of {args.iters}, emulated = one call from clock 0")
     records = measure(args)
+    print_averages(records)
     gloo = versus_gloo(args, records) if args.vs_gloo else None
     wrong = sum(r["wrong"] or 0 for r in records)
     print(f"\n# out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")

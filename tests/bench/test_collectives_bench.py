@@ -21,4 +21,5 @@ def test_collectives_bench_writes_json(tmp_path, shm_prefix, capsys):
     ring = [r for r in recs if r["op"] == "all_reduce" and r["algo"] == "ring"]
     assert ring[1]["emu_busbw_gbps"] > ring[0]["emu_busbw_gbps"]  # bandwidth grows with size
     text = capsys.readouterr().out
-    assert "wall clock" in text and "emulated clock" in text and "#wrong" in text
+    assert "wall clock" in text and "emulated clock" in text and "#wrong" in text and "(GB/s)" in text
+    assert text.count("# Avg bus bandwidth") == 4
