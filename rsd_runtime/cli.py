@@ -1,10 +1,12 @@
 """rsd-launch: start emulated cards and work with them.
 
     rsd-launch --devices 4 status          # -smi style table, then shut down
+    rsd-launch generate --tp 4 --prompt "Hello"
     rsd-launch sweep                       # remove segments left by dead runs
 
-Each sub-command registers itself in ``COMMANDS``; later layers (generate,
-bench, serve) add theirs the same way.
+Each sub-command registers itself in ``COMMANDS`` with the ``@command`` decorator: one
+function adds its own options to its parser, and it names the groups of shared options
+(``SHARED``) that mean something to it.
 """
 from __future__ import annotations
 
@@ -18,12 +20,31 @@ from devices.memory import fmt_bytes
 from devices.spec import PRESETS
 from rsd_runtime.errors import CardDied, CardError, ClusterError
 
-COMMANDS: dict[str, tuple[str, callable, callable]] = {}  # name -> (help, add_arguments, run)
+COMMANDS: dict[str, tuple[str, callable, callable, tuple[str, ...]]] = {}  # name -> (help, add_arguments, run, shared)
+
+# Options that several sub-commands share, by group: each group is a parent parser, and a
+# sub-command takes the groups it names. They may also come before the sub-command (rsd-launch
+# --devices 4 status); one that the sub-command does not take is refused, not silently ignored.
+SHARED = {
+    "devices": [(("--devices", "-n"), dict(type=int, metavar="N", help="number of cards"), 4)],
+    "device": [
+        (("--device",), dict(metavar="PRESET", help=f"device preset ({', '.join(PRESETS)}) or a .toml file"),
+         "atom-plus"),
+        (("--phantom",), dict(action="store_true", help="cards account for memory and time but hold no bytes"),
+         False),
+    ],
+    "shm": [(("--shm-prefix",), dict(metavar="PREFIX", help="prefix of the run's /dev/shm segments"),
+             shm.DEFAULT_PREFIX)],
+    "json": [(("--json",), dict(action="store_true", help="machine-readable output"), False)],
+}
+ALL_SHARED = tuple(SHARED)
 
 
-def command(name: str, help: str, add_arguments=lambda p: None):
+def command(name: str, help: str, add_arguments=lambda p: None, shared: tuple[str, ...] = ALL_SHARED):
+    """Register sub-command ``name``: ``add_arguments(parser)`` adds its own options, ``shared`` names
+    the groups of SHARED it takes."""
     def register(fn):
-        COMMANDS[name] = (help, add_arguments, fn)
+        COMMANDS[name] = (help, add_arguments, fn, tuple(shared))
         return fn
     return register
 
@@ -56,7 +77,8 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@command("status", "start the cards, print one row per card (-smi style), shut down")
+@command("status", "start the cards, print one row per card (-smi style), shut down",
+         shared=("devices", "device", "shm", "json"))
 def cmd_status(args) -> int:
     cluster = cluster_from_args(args)
     with start_with_progress(cluster):
@@ -75,7 +97,7 @@ def _sweep_args(p):
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
 
-@command("sweep", "remove shared-memory segments left by runs whose host is gone", _sweep_args)
+@command("sweep", "remove shared-memory segments left by runs whose host is gone", _sweep_args, shared=("shm",))
 def cmd_sweep(args) -> int:
     report = shm.sweep(args.shm_prefix, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -96,7 +118,8 @@ def cmd_sweep(args) -> int:
 
 def _generate_args(p):
     p.add_argument("--model", help="Hugging Face model directory; none: the built-in tiny model")
-    p.add_argument("--tp", type=int, default=4, help="tensor-parallel degree: the number of cards")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree: the number of cards (none: --devices if given, else 4)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", help="prompt token ids, comma separated (repeatable)")
@@ -106,7 +129,8 @@ def _generate_args(p):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     p.add_argument("--seed", type=int, default=None, help="seed of the request's own generator")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the end-of-sequence token, up to --max-new-tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; none: the checkpoint's")
 
 
@@ -114,6 +138,8 @@ def _generate_args(p):
 def cmd_generate(args) -> int:
     from rsd_runtime.llm import LLM
     from rsd_runtime.sampling import SamplingParams
+
+    tp_from_devices(args)
 
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
@@ -148,6 +174,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def tp_from_devices(args) -> None:
+    """generate runs one card per tensor-parallel rank: --devices may say so, but not otherwise."""
+    if args.tp is None:
+        args.tp = args.devices if "devices" in args.given else 4
+    elif "devices" in args.given and args.devices != args.tp:
+        raise ValueError(f"--devices {args.devices} disagrees with --tp {args.tp}: generate runs one card per "
+                         f"tensor-parallel rank; give --tp alone")
+    args.devices = args.tp
+
+
 def printable(text: str) -> str:
     """Control characters a model may emit would drive the terminal: show them as escapes."""
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
@@ -163,7 +199,7 @@ def _bench_args(p):
 
 
 @command("bench", "run a benchmark program (collectives, inference, decode, launch); options after its name go "
-                  "to it", _bench_args)
+                  "to it", _bench_args, shared=())
 def cmd_bench(args) -> int:
     import importlib
 
@@ -172,38 +208,75 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="rsd-launch",
-        description="Start N emulated neural-engine cards (one OS process each) and run a job on them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="rsd-launch", parents=[*(_shared_parser(g, "top_") for g in SHARED), _verbose_parser("top_")],
+        description="Start N emulated neural-engine cards (one OS process each) and run a job on them. "
+                    "Options shared by several commands may come before the command or after it; "
+                    "`rsd-launch COMMAND --help` lists the ones a command takes.",
     )
-    _common(p, defaults=True)
     from rsd_runtime import topo_cli  # registers `topo`; imported here, as it imports this module
     COMMANDS.setdefault("topo", topo_cli.COMMAND)  # when this module runs as __main__
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
+    for name, (help_text, add_arguments, _, shared) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        if name != "bench":
-            _common(sp, defaults=False)  # accepted after the command too: rsd-launch generate --json
+                            parents=[*map(_shared_parser, shared), _verbose_parser()],
+                            formatter_class=DefaultsFormatter)
         add_arguments(sp)
     return p
 
 
-def _common(p, defaults: bool) -> None:
-    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
-    p.add_argument("--devices", "-n", type=int, default=d(4), metavar="N", help="number of cards")
-    p.add_argument("--device", default=d("atom-plus"), help=f"device preset: {', '.join(PRESETS)}")
-    p.add_argument("--phantom", action="store_true", default=d(False),
-                   help="cards account for memory and time but hold no bytes")
-    p.add_argument("--shm-prefix", default=d(shm.DEFAULT_PREFIX), help="prefix of the run's /dev/shm segments")
-    p.add_argument("--json", action="store_true", default=d(False), help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="count", default=d(0), help="more logging (-vv for debug)")
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one to show: not for flags, nor for options that are off."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _shared_parser(group: str, prefix: str = "") -> argparse.ArgumentParser:
+    """The parent parser of one group of shared options. Defaults are filled in after parsing
+    (``resolve_shared``), so that a value given before the command survives the command's parser."""
+    p = argparse.ArgumentParser(add_help=False)
+    for flags, kwargs, default in SHARED[group]:
+        shown = f"{kwargs['help']} (default: {default})" if default is not False else kwargs["help"]
+        p.add_argument(*flags, **{**kwargs, "help": shown},
+                       dest=prefix + flags[0].lstrip("-").replace("-", "_"), default=argparse.SUPPRESS)
+    return p
+
+
+def _verbose_parser(prefix: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="count", dest=prefix + "verbose", default=argparse.SUPPRESS,
+                   help="log the phases with their times to stderr (-vv: debug)")
+    return p
+
+
+def resolve_shared(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Move options given before the command onto it, refuse the ones it does not take, fill defaults.
+    ``args.given`` holds the names of the shared options given on the command line."""
+    shared = COMMANDS[args.command][3]
+    args.given = set()
+    for group, options in SHARED.items():
+        for flags, _, default in options:
+            name = flags[0].lstrip("-").replace("-", "_")
+            before = vars(args).pop("top_" + name, None)
+            if before is not None and group not in shared:
+                parser.error(f"{flags[0]} means nothing to `{args.command}`; see rsd-launch {args.command} --help")
+            if before is not None and not hasattr(args, name):
+                setattr(args, name, before)
+            if hasattr(args, name):
+                args.given.add(name)
+            elif group in shared:
+                setattr(args, name, default)
+    args.verbose = vars(args).pop("top_verbose", 0) + getattr(args, "verbose", 0)
+    return args
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = resolve_shared(parser, parser.parse_args(argv))
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="rsd-launch: %(message)s")
+                        format="rsd-launch: %(relativeCreated)7.0f ms  %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt:

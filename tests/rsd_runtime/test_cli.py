@@ -67,3 +67,31 @@ def test_sweep_removes_stale_runs(shm_prefix):
     r = rsd_launch("sweep", prefix=shm_prefix)
     assert r.returncode == 0 and "removed 1 segments of stale run" in r.stdout
     assert not stale.exists()
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rsd_runtime.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--devices", "2", "generate", "--tp", "4"], "--devices 2 disagrees with --tp 4"),
+    (["generate", "--devices", "2", "--tp", "4"], "--devices 2 disagrees with --tp 4"),
+    (["--devices", "2", "sweep"], "--devices means nothing to `sweep`"),
+    (["--phantom", "topo"], "--phantom means nothing to `topo`"),
+    (["--json", "sweep"], "--json means nothing to `sweep`"),
+])
+def test_conflicting_or_meaningless_flags_are_refused(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_subcommand_help_offers_only_its_flags():
+    sweep = run_cli("sweep", "--help").stdout
+    assert "--shm-prefix" in sweep and "--dry-run" in sweep
+    assert not any(flag in sweep for flag in ("--devices", "--device ", "--phantom", "--json"))
+    topo = run_cli("topo", "--help").stdout
+    assert "--devices" in topo and "--json" in topo and "--phantom" not in topo and "--shm-prefix" not in topo
+    generate = run_cli("generate", "--help").stdout
+    assert "--ignore-eos" in generate and "go on past the end-of-sequence" in generate
