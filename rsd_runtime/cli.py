@@ -198,6 +198,56 @@ def _bench_args(p):
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see: rsd-launch bench NAME --help)")
 
 
+def _router_args(p):
+    from rsd_runtime.routing import POLICIES
+
+    p.add_argument("--backend", action="append", required=True, metavar="URL",
+                   help="an instance server's base URL, e.g. http://127.0.0.1:8001 (repeat for each)")
+    p.add_argument("--routing", default="least-outstanding", choices=list(POLICIES),
+                   help="routing policy (default: least-outstanding)")
+    add_router_options(p)
+
+
+def add_router_options(p):
+    from rsd_runtime import router
+
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port of the router (default: 8000)")
+    p.add_argument("--health-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between health checks of each instance (default: 1)")
+    p.add_argument("--allowed-fails", type=int, default=router.ALLOWED_FAILS, metavar="N",
+                   help=f"failed requests per minute before an instance cools down (default: {router.ALLOWED_FAILS})")
+    p.add_argument("--cooldown", type=float, default=router.COOLDOWN_S, metavar="S",
+                   help=f"seconds an instance is skipped after too many failures (default: {router.COOLDOWN_S:g})")
+    p.add_argument("--num-retries", type=int, default=2, metavar="N",
+                   help="other instances tried for a request that fails before its first token (default: 2)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds an instance may take to answer a request (default: 600)")
+
+
+def router_options(args) -> dict:
+    for flag in ("health_interval", "cooldown", "request_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if args.allowed_fails < 1 or args.num_retries < 0:
+        raise ValueError("--allowed-fails must be >= 1 and --num-retries >= 0")
+    return dict(health_interval=args.health_interval, allowed_fails=args.allowed_fails, cooldown_s=args.cooldown,
+                num_retries=args.num_retries, request_timeout=args.request_timeout)
+
+
+@command("router", "one OpenAI-compatible endpoint over instance servers that already run (here or on other "
+                   "hosts)", _router_args, shared=())
+def cmd_router(args) -> int:
+    from rsd_runtime.router import Router, serve_router
+    from rsd_runtime.routing import get_policy
+
+    router = Router(args.backend, get_policy(args.routing), **router_options(args))
+    print(f"rsd-launch router: {len(args.backend)} instance(s), {args.routing}, on http://{args.host}:{args.port}",
+          file=sys.stderr)
+    serve_router(router, host=args.host, port=args.port)
+    return 0
+
+
 @command("bench", "run a benchmark program (collectives, inference, decode, launch); options after its name go "
                   "to it", _bench_args, shared=())
 def cmd_bench(args) -> int:
