@@ -54,6 +54,9 @@ class Generation:
         b, server = self.body, self.server
         max_tokens = (b.max_completion_tokens or b.max_tokens) if self.chat else b.max_tokens
         room = server.max_len - len(prompt)
+        if room < 1:
+            raise APIError(400, f"prompt: the prompt has {len(prompt)} tokens; this model's context is "
+                                f"{server.max_len} tokens and at least one must be left to generate", "prompt")
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens: the prompt has {len(prompt)} tokens and this model's context "
                                 f"{server.max_len}, so at most {room} tokens can be generated; asked for "
