@@ -189,6 +189,60 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
+def _serve_args(p):
+    def add(*flags, **kw):  # --device, --phantom, ... may already come with the common options
+        if not any(f in p._option_string_actions for f in flags):
+            p.add_argument(*flags, **kw)
+
+    add("--model", help="Hugging Face model directory (a config.json is enough with --phantom); none: the "
+                        "built-in tiny model")
+    add("--tp", type=int, default=2, help="tensor-parallel degree: the number of cards")
+    add("--host", default="127.0.0.1", help="address to listen on")
+    add("--port", type=int, default=8000, help="TCP port to listen on")
+    add("--served-model-name", help="the model name clients send; none: the model directory's name")
+    add("--max-num-seqs", type=int, default=16, help="requests in the running batch at most")
+    add("--max-num-batched-tokens", type=int, default=512, help="tokens per step at most")
+    add("--max-waiting", type=int, default=None, help="refuse new requests (503) while this many wait")
+    add("--restart-cards", action="store_true", help="restart cards that die and keep serving")
+    add("--device", default="atom-plus", help=f"device preset: {', '.join(PRESETS)}")
+    add("--phantom", action="store_true", help="cards account for memory and time but hold no bytes")
+    add("--shm-prefix", default=shm.DEFAULT_PREFIX, help="prefix of the run's /dev/shm segments")
+
+
+@command("serve", "serve one instance over HTTP with the OpenAI API until SIGINT or SIGTERM", _serve_args)
+def cmd_serve(args) -> int:
+    import signal
+
+    def on_sigterm(signum, frame):  # unwinds card start-up too: every card stops, every segment goes
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    import uvicorn
+
+    from rsd_runtime.async_llm import AsyncLLM
+    from rsd_runtime.server.app import build_app, default_model_name
+    from rsd_runtime.tiny_model import ensure_tiny_model
+
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    model = args.model or str(ensure_tiny_model())
+    llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
+                   device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix,
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   progress=False)
+    try:
+        name = args.served_model_name or default_model_name(args.model)
+        app = build_app(llm, name, model)
+        config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.verbose > 1,
+                                log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=2)
+        print(f"rsd-launch: serving {name} on http://{args.host}:{args.port}/v1 ({args.tp} x {args.device}"
+              f"{', phantom' if args.phantom else ''})", file=sys.stderr, flush=True)
+        uvicorn.Server(config).run()
+    finally:
+        llm.close()
+    return 0
+
+
 BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode",
               "inference": "bench.inference"}
 
