@@ -207,9 +207,18 @@ def _serve_args(p):
     add("--device", default="atom-plus", help=f"device preset: {', '.join(PRESETS)}")
     add("--phantom", action="store_true", help="cards account for memory and time but hold no bytes")
     add("--shm-prefix", default=shm.DEFAULT_PREFIX, help="prefix of the run's /dev/shm segments")
+    rack = p.add_argument_group("a rack: several instances behind a router (--instances K)")
+    rack.add_argument("--instances", type=int, default=1,
+                      help="instance servers to start, each with --tp cards of its own, behind a router on --port")
+    from rsd_runtime.routing import POLICIES
+
+    rack.add_argument("--routing", default="least-outstanding", choices=list(POLICIES),
+                      help="routing policy of the rack's router (default: least-outstanding)")
+    add_router_options(rack)
 
 
-@command("serve", "serve one instance over HTTP with the OpenAI API until SIGINT or SIGTERM", _serve_args)
+@command("serve", "serve one instance over HTTP with the OpenAI API until SIGINT or SIGTERM", _serve_args,
+         shared=("device", "shm"))
 def cmd_serve(args) -> int:
     import signal
 
@@ -225,6 +234,10 @@ def cmd_serve(args) -> int:
 
     if args.max_waiting is not None and args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.instances != 1:
+        from rsd_runtime.rack import serve_rack
+
+        return serve_rack(args, router_options(args))
     model = args.model or str(ensure_tiny_model())
     llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
                    device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix,
@@ -259,14 +272,14 @@ def _router_args(p):
                    help="an instance server's base URL, e.g. http://127.0.0.1:8001 (repeat for each)")
     p.add_argument("--routing", default="least-outstanding", choices=list(POLICIES),
                    help="routing policy (default: least-outstanding)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port of the router (default: 8000)")
     add_router_options(p)
 
 
 def add_router_options(p):
     from rsd_runtime import router
 
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port of the router (default: 8000)")
     p.add_argument("--health-interval", type=float, default=1.0, metavar="S",
                    help="seconds between health checks of each instance (default: 1)")
     p.add_argument("--allowed-fails", type=int, default=router.ALLOWED_FAILS, metavar="N",

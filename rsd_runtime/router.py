@@ -33,7 +33,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from contextlib import asynccontextmanager
+
 import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -320,11 +324,6 @@ class Router:
 
     # ---- the HTTP app ----
     def app(self):
-        from contextlib import asynccontextmanager
-
-        from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse, Response, StreamingResponse
-
         @asynccontextmanager
         async def lifespan(_app):
             await self.start()

@@ -118,17 +118,18 @@ class ServerProcess:
         return code
 
     def leftovers(self) -> tuple[list[int], list[str]]:
-        """Card processes still running, and /dev/shm segments and temp run directories of this server's runs."""
+        """Card processes still running, and /dev/shm segments and temp run directories of this server's runs
+        (a rack's instances take the prefix followed by their index)."""
         import psutil
 
         pids = []  # cards carry their run's name (which starts with the prefix) on their command line
         for proc in psutil.process_iter(["pid", "cmdline", "status"]):
             cmd = proc.info["cmdline"] or []
             if proc.info["status"] != psutil.STATUS_ZOMBIE and "--run" in cmd and any(
-                    a.startswith(self.shm_prefix + "_") for a in cmd):
+                    a.startswith(self.shm_prefix) for a in cmd):
                 pids.append(proc.info["pid"])
-        left = [str(p) for p in shm.SHM_DIR.glob(f"{self.shm_prefix}_*")]
-        left += [str(p) for p in Path(tempfile.gettempdir()).glob(f"{self.shm_prefix}_*")]
+        left = [str(p) for p in shm.SHM_DIR.glob(f"{self.shm_prefix}*_*")]
+        left += [str(p) for p in Path(tempfile.gettempdir()).glob(f"{self.shm_prefix}*_*")]
         return pids, sorted(left)
 
     def check_clean(self, timeout: float = 5.0) -> None:
