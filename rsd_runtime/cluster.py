@@ -171,7 +171,10 @@ class Cluster:
         self._expected_exit.update(self.procs)
         alive = [c for c, p in self.procs.items() if p.poll() is None]
         if self.control is not None:
-            futs = [self.control.submit(c, "shutdown") for c in alive if c not in self.control.dead]
+            told = [c for c in alive if c not in self.control.dead and c in self.control.hello]
+            for c in set(alive) - set(told):  # still starting (no hello yet): it cannot hear a shutdown
+                self.procs[c].popen.terminate()
+            futs = [self.control.submit(c, "shutdown") for c in told]
             for f in futs:
                 try:
                     f.result(timeout)
