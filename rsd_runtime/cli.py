@@ -1,7 +1,7 @@
 """rsd-launch: start emulated cards and work with them.
 
     rsd-launch --devices 4 status          # -smi style table, then shut down
-    rsd-launch sweep                       # remove segments left by dead runs
+    rsd-launch sweep                       # remove segments and run directories left by dead runs
 
 Each sub-command registers itself in ``COMMANDS``; later layers (generate,
 bench, serve) add theirs the same way.
@@ -75,12 +75,14 @@ def _sweep_args(p):
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
 
-@command("sweep", "remove shared-memory segments left by runs whose host is gone", _sweep_args)
+@command("sweep", "remove shared-memory segments and run directories left by runs whose host is gone", _sweep_args)
 def cmd_sweep(args) -> int:
     report = shm.sweep(args.shm_prefix, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for run, names in report.removed.items():
         print(f"{verb} {len(names)} segments of stale run {run}")
+    for path in report.dirs:
+        print(f"{verb} run directory {path} (its host is gone)")
     for run, names in report.live.items():
         print(f"kept {len(names)} segments of live run {run}")
     if report.foreign:
@@ -89,7 +91,7 @@ def cmd_sweep(args) -> int:
         for name in report.foreign:
             print(f"  {shm.SHM_DIR / name}", file=sys.stderr)
         return 2
-    if not (report.removed or report.live):
+    if not (report.removed or report.live or report.dirs):
         print("nothing to sweep")
     return 0
 

@@ -97,13 +97,15 @@ class Cluster:
         self.sweep_report = shm.sweep(self.shm_prefix)
         for run, names in self.sweep_report.removed.items():
             log.warning("swept %d stale segments of run %s (its host is gone)", len(names), run)
+        for path in self.sweep_report.dirs:
+            log.warning("swept the run directory %s (its host is gone)", path)
         if self.sweep_report.foreign:
             names = ", ".join(str(shm.SHM_DIR / n) for n in self.sweep_report.foreign[:5])
             raise ClusterError(
                 f"{len(self.sweep_report.foreign)} segments carry the prefix {self.shm_prefix!r} but are not "
                 f"this user's rsd-runtime segments ({names}); remove them or choose another --shm-prefix")
         self.run_name = shm.new_run_name(self.shm_prefix)
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.run_name}-"))  # mode 0700: only we enter
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.run_name}-", dir=shm.run_dir_root()))  # mode 0700: only we enter
         self._closed = False
         atexit.register(self.shutdown)
         self._install_sigterm()
