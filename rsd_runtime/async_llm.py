@@ -124,6 +124,7 @@ class AsyncLLM:
         ok = alive and self.engine.dead is None and not dead
         return {"ok": ok, "engine_thread": alive, "engine_error": None if self.engine.dead is None
                 else str(self.engine.dead).splitlines()[0], "dead_cards": dead,
+                "malformed": cluster.malformed(),
                 "cards": [{"card": c, "pid": cluster.procs[c].pid if c in cluster.procs else None,
                            "alive": c not in dead} for c in self.engine.cards]}
 

@@ -113,7 +113,7 @@ class Cluster:
             self._ctx = zmq.Context()
             self._auth = RunAuthenticator(self._ctx, self._secret)
             self.control = ControlPlane(self._ctx, f"ipc://{self.run_dir}/control", self._secret,
-                                        check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
+                                        num_cards=self.num_devices, check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
             for card in range(self.num_devices):
                 self.procs[card] = self._spawn(card, attach=False)
             self._await_hello(range(self.num_devices), progress)
@@ -267,6 +267,21 @@ class Cluster:
                        "memory_capacity": self.spec.memory_bytes, "host_rss": None, "clock_ns": None}
             rows.append(row)
         return rows
+
+    def malformed(self, rows: list[dict] | None = None) -> dict:
+        """Messages dropped as malformed: by the host's control plane (per reason) and by the cards'
+        fabric (from ``rows``, a ``status()``, if given)."""
+        out = {"control": sum(self.control.malformed.values()), "control_reasons": dict(self.control.malformed)}
+        if rows is not None:
+            out["fabric"] = sum(r.get("fabric_malformed") or 0 for r in rows)
+        return out
+
+    def health(self) -> dict:
+        """Which cards are alive and how many messages were dropped as malformed."""
+        rows = self.status()
+        return {"ok": not self.control.dead, "dead_cards": {c: str(e).splitlines()[0] for c, e in
+                                                             self.control.dead.items()},
+                "malformed": self.malformed(rows)}
 
     def put(self, card: int, name: str, tensor) -> dict:
         """Place ``tensor`` (numpy or torch) into card ``card``'s arena under ``name``."""
