@@ -24,6 +24,7 @@ from collections import deque
 import psutil
 import zmq
 
+from devices import fields
 from devices.arena import WeightArena
 from devices.collective_ops import CollectiveOps
 from devices.inference_ops import InferenceOps
@@ -99,7 +100,7 @@ class Card:
         }, []
 
     def op_put(self, h, frames):
-        name, dtype, shape = h["name"], wire.check_dtype(h["dtype"]), h["shape"]
+        name, dtype, shape = fields.text(h, "name"), wire.check_dtype(h.get("dtype")), fields.shape(h)
         if self.phantom and not frames:  # a phantom card only accounts for the tensor
             self.arena.allocate(name, dtype, shape)
             return self.arena.describe(name), []
@@ -115,11 +116,11 @@ class Card:
         return self.arena.describe(name), []
 
     def op_get(self, h, frames):
-        desc = self.arena.describe(h["name"])
-        return desc, ([] if self.phantom else [self.arena.view(h["name"])])
+        name = fields.text(h, "name")
+        return self.arena.describe(name), ([] if self.phantom else [self.arena.view(name)])
 
     def op_free(self, h, frames):
-        self.arena.free(h["name"])
+        self.arena.free(fields.text(h, "name"))
         return {}, []
 
     def op_list(self, h, frames):
