@@ -110,6 +110,11 @@ def _generate_args(p):
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; none: the checkpoint's")
+    chk = p.add_mutually_exclusive_group()
+    chk.add_argument("--check-weights", dest="check_weights", action="store_true", default=None,
+                     help="read every tensor first and name the first holding NaN or Inf (default: only "
+                          "checkpoints up to 1 GiB)")
+    chk.add_argument("--no-check-weights", dest="check_weights", action="store_false")
 
 
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
@@ -124,7 +129,8 @@ def cmd_generate(args) -> int:
     else:
         prompts = args.prompt or ["Hello"]
     with LLM(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
-             phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json) as llm:
+             phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json,
+             check_weights=args.check_weights) as llm:
         stream = None
         if not args.json and len(prompts) == 1:
             stream = lambda i, tok, text: print(printable(text), end="", flush=True)  # noqa: E731
