@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from devices import fields
+
 from interconnect import collectives as coll
 from interconnect.collectives import out_count, run_collective as run
 from interconnect import wire
@@ -32,7 +34,10 @@ class CollectiveOps:
                 "collective_reuse": self.op_collective_reuse, "resync": self.op_resync}
 
     def group(self, ranks) -> ProcessGroup:
-        key = tuple(int(r) for r in ranks)
+        num_cards = len(self.card.fabric.peers)
+        key = tuple(fields.cards({"group": ranks}, "group", max(num_cards, 1)))
+        if self.card.card not in key:
+            raise fields.FieldError(f"group {list(key)} does not include card {self.card.card}")
         if key not in self.groups:
             self.groups[key] = ProcessGroup(self.card.fabric, list(key))
         return self.groups[key]
@@ -46,7 +51,7 @@ class CollectiveOps:
 
     def op_resync(self, h, frames):
         """Enter the host's new epoch: every card of the run starts its groups afresh, together."""
-        self.reset(int(h["epoch"]))
+        self.reset(fields.integer(h, "epoch", 0))
         return {"epoch": self.card.fabric.epoch}, []
 
     def op_fabric_init(self, h, frames):
@@ -73,25 +78,26 @@ class CollectiveOps:
         np_dtype = wire.DTYPES[dtype][0]
         data = np.frombuffer(frames[0].buffer, np_dtype).copy() if frames else np.zeros(0, np_dtype)
         start_emu, t0 = self.card.clock.now, time.perf_counter_ns()
-        out = run(kind, g, data, dtype, h.get("algo", "auto"), h.get("redop", "sum"), int(h.get("root", 0)),
-                  int(h.get("peer", 0)), int(h.get("tag", 0)))
+        out = run(kind, g, data, dtype, h.get("algo", "auto"), h.get("redop", "sum"),
+                  fields.integer(h, "root", 0, g.size, 0), fields.integer(h, "peer", 0, g.size, 0),
+                  fields.integer(h, "tag", 0, 1 << 30, 0))
         return {"emu_ns": self.card.clock.now - start_emu, "wall_ns": time.perf_counter_ns() - t0,
                 "clock_ns": self.card.clock.now}, [out]
 
     def op_collective_bench(self, h, frames):
         """nccl-tests style: generated inputs, warm-up, one emulated run from clock 0, timed runs, #wrong."""
         g = self.group(h["group"])
-        dtype, kind, count = wire.check_dtype(h["dtype"]), h["kind"], int(h["count"])
-        algo, redop, root = h.get("algo", "auto"), h.get("redop", "sum"), int(h.get("root", 0))
+        dtype, kind, count = wire.check_dtype(h.get("dtype")), h["kind"], fields.integer(h, "count", 0, 1 << 32)
+        algo, redop, root = h.get("algo", "auto"), h.get("redop", "sum"), fields.integer(h, "root", 0, g.size, 0)
         data = bench_input(kind, g.rank, g.size, count, dtype)
-        for _ in range(int(h.get("warmup", 2))):
+        for _ in range(fields.integer(h, "warmup", 0, 1 << 20, 2)):
             run(kind, g, data.copy(), dtype, algo, redop, root)
         coll.barrier(g)
         self._reset_clock()
         out = run(kind, g, data.copy(), dtype, algo, redop, root)
         emu_ns = self.card.clock.now
         wrong = None if g.phantom else count_wrong(kind, out, g.rank, g.size, count, dtype, redop, root)
-        iters = int(h.get("iters", 5))
+        iters = fields.integer(h, "iters", 1, 1 << 20, 5)
         # registered buffers, as NCCL benchmarks use device memory the fabric can reach directly
         bufs = [g.copy(data) for _ in range(min(iters, 2))]
         out = g.empty(out_count(kind, data.size, g.size), data.dtype)

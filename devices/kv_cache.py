@@ -31,7 +31,7 @@ class KVLayout:
 
     def __post_init__(self):
         for f in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
-            if getattr(self, f) < 1:
+            if type(getattr(self, f)) is not int or getattr(self, f) < 1:
                 raise ValueError(f"KV layout: {f} must be >= 1, got {getattr(self, f)}")
         wire.check_dtype(self.dtype)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,7 @@ class SweepReport:
     removed: dict[str, list[str]] = field(default_factory=dict)  # stale run -> names removed
     live: dict[str, list[str]] = field(default_factory=dict)  # run of a live owner -> names
     foreign: list[str] = field(default_factory=list)  # our prefix, not our kind of name or owner
+    dirs: list[str] = field(default_factory=list)  # run directories of stale runs (removed)
 
 
 def _owner_alive(pid: int, mtime: float) -> bool:
@@ -106,4 +109,32 @@ def sweep(prefix: str = DEFAULT_PREFIX, *, dry_run: bool = False) -> SweepReport
         if not dry_run:
             p.unlink(missing_ok=True)
         report.removed.setdefault(run, []).append(p.name)
+    report.dirs = sweep_run_dirs(prefix, dry_run=dry_run)
     return report
+
+
+_DIR_RE = re.compile(r"^(?P<run>(?P<prefix>[A-Za-z][A-Za-z0-9]*)_(?P<pid>\d+)_(?P<token>[0-9a-f]{8}))-[^/]+$")
+
+
+def run_dir_root() -> Path:
+    """Where hosts make their run directories (sockets, card logs)."""
+    return Path(tempfile.gettempdir())
+
+
+def sweep_run_dirs(prefix: str = DEFAULT_PREFIX, *, dry_run: bool = False) -> list[str]:
+    """Remove this user's run directories whose host is gone; returns their paths."""
+    removed = []
+    for p in sorted(run_dir_root().glob(f"{check_prefix(prefix)}_*-*")):
+        m = _DIR_RE.match(p.name)
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        if m is None or m["prefix"] != prefix or st.st_uid != os.getuid() or not p.is_dir() or p.is_symlink():
+            continue
+        if _owner_alive(int(m["pid"]), st.st_mtime):
+            continue
+        if not dry_run:
+            shutil.rmtree(p, ignore_errors=True)
+        removed.append(str(p))
+    return removed

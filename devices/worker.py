@@ -6,12 +6,12 @@ environment, not on the command line where ``ps`` would show it.
 
 Two threads, each with its own socket (ZeroMQ sockets are not thread-safe):
 the main thread serves commands; a heartbeat thread tells the host the card
-is alive, even during a long command, and ends the card if the host is gone.
+is alive, even during a long command. A lifeline thread (``devices.lifeline``)
+ends the card, cleaning up the run, if the host process is gone.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -24,12 +24,14 @@ from collections import deque
 import psutil
 import zmq
 
+from devices import fields
 from devices.arena import WeightArena
 from devices.collective_ops import CollectiveOps
 from devices.inference_ops import InferenceOps
 from devices.kv_cache import KVCacheStore, KVLayout
+from devices.lifeline import watch_host
 from devices.memory import DeviceMemory
-from devices.shm import SHM_DIR, remove_run, segment_name
+from devices.shm import SHM_DIR, segment_name
 from devices.spec import DeviceSpec, get_spec
 from interconnect import auth, wire
 from interconnect.fabric import Clock, Fabric, FabricError
@@ -98,7 +100,7 @@ class Card:
         }, []
 
     def op_put(self, h, frames):
-        name, dtype, shape = h["name"], wire.check_dtype(h["dtype"]), h["shape"]
+        name, dtype, shape = fields.text(h, "name"), wire.check_dtype(h.get("dtype")), fields.shape(h)
         if self.phantom and not frames:  # a phantom card only accounts for the tensor
             self.arena.allocate(name, dtype, shape)
             return self.arena.describe(name), []
@@ -114,11 +116,11 @@ class Card:
         return self.arena.describe(name), []
 
     def op_get(self, h, frames):
-        desc = self.arena.describe(h["name"])
-        return desc, ([] if self.phantom else [self.arena.view(h["name"])])
+        name = fields.text(h, "name")
+        return self.arena.describe(name), ([] if self.phantom else [self.arena.view(name)])
 
     def op_free(self, h, frames):
-        self.arena.free(h["name"])
+        self.arena.free(fields.text(h, "name"))
         return {}, []
 
     def op_list(self, h, frames):
@@ -233,12 +235,7 @@ class Card:
         sock.setsockopt(zmq.IDENTITY, f"card{self.card}.hb".encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(control)
-        parent = host_pid()
         while not self.stopping.wait(interval):
-            if os.getppid() != parent:
-                log.error("card %d: host (pid %d) is gone; removing the run's segments and exiting", self.card, parent)
-                remove_run(self.run_name)
-                os._exit(3)
             try:  # never block: with the host gone a DEALER send would wait forever
                 sock.send(wire.pack({"op": "heartbeat", "card": self.card, "secret": secret,
                                      "state": self.state, "clock_ns": self.clock.now}), zmq.NOBLOCK)
@@ -251,21 +248,13 @@ def host_pid() -> int:
     return int(os.environ.get(HOST_PID_ENV, os.getppid()))
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to send SIGTERM to this card when the host process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the heartbeat thread's parent check still applies
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m devices", description="One emulated card (started by the host).")
     p.add_argument("--run", required=True)
     p.add_argument("--card", type=int, required=True)
     p.add_argument("--control", required=True, help="ZeroMQ address of the host's control socket")
     p.add_argument("--spec", default="atom-plus", help="preset name or a JSON DeviceSpec")
+    p.add_argument("--run-dir", help="the run's directory (sockets, logs): removed if the host dies")
     p.add_argument("--attach", action="store_true", help="re-attach to the card's existing segments")
     p.add_argument("--phantom", action="store_true", help="keep no real bytes, only account for them")
     p.add_argument("--heartbeat", type=float, default=0.25, help="seconds between heartbeats")
@@ -277,28 +266,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _die_with_parent()
+    lifeline = watch_host(host_pid(), args.run, args.run_dir, args.card)
     logging.basicConfig(level=os.environ.get("RSD_CARD_LOG", "WARNING"), stream=sys.stderr,
                         format=f"%(asctime)s card{args.card} %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the host, which shuts the cards down
     spec = get_spec(args.spec) if not args.spec.startswith("{") else DeviceSpec(**json.loads(args.spec))
     secret = os.environ.pop(SECRET_ENV, "")
     card = Card(args, spec)
-    parent = host_pid()
-
-    def on_sigterm(*_):
-        if os.getppid() != parent:  # PR_SET_PDEATHSIG: the host died, nobody else will clean up
-            remove_run(args.run)
-            os._exit(0)
-        card.stopping.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, lambda *_: card.stopping.set())
     ctx = zmq.Context()
     try:
         card.serve(ctx, args.control, secret, args.heartbeat, args.fabric_bind)
     finally:
+        lifeline.set()
         card.arena.close()
         ctx.destroy(linger=0)
-        if os.getppid() != parent:  # the host died (PR_SET_PDEATHSIG): nobody else will clean up
-            remove_run(args.run)
     return 0

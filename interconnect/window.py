@@ -83,6 +83,9 @@ class PeerWindows:
         seg = self._maps.get(card)
         if seg is None or seg.size < offset + nbytes:
             seg = self._maps[card] = Segment(self.name_of(card))
+        if offset < 0 or nbytes < 0 or offset + nbytes > seg.size:
+            raise ValueError(f"region [{offset}, {offset + nbytes}) is outside card {card}'s window "
+                             f"of {seg.size} bytes")
         return np.frombuffer(seg.buf, np.uint8, nbytes, offset)
 
     def forget(self) -> None:

@@ -40,7 +40,7 @@ class WireError(ValueError):
 
 
 def check_dtype(name: str) -> str:
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise WireError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
     return name
 
@@ -51,8 +51,10 @@ def itemsize(dtype: str) -> int:
 
 def nbytes_of(dtype: str, shape) -> int:
     n = 1
-    for d in shape:
-        n *= int(d)
+    for i, d in enumerate(shape):
+        if type(d) is not int or d < 0:
+            raise WireError(f"shape {list(shape)!r}: dimension {i} is {d!r}, not a size >= 0")
+        n *= d
     return n * itemsize(dtype)
 
 

@@ -139,6 +139,7 @@ class AsyncLLM:
         return {"ok": ok, "engine_thread": alive, "engine_error": None if engine_dead is None
                 else str(engine_dead).splitlines()[0], "dead_cards": dead,
                 "cards_restarted": engine.stats.cards_restarted, "recoveries": engine.stats.recoveries,
+                "malformed": cluster.malformed() if cluster is not None else {},
                 "cards": [{"card": c, "pid": procs[c].pid if c in procs else None,
                            "alive": c not in dead} for c in engine.cards]}
 

@@ -36,6 +36,9 @@ _HF_FIELDS = {"vocab_size": ("vocab_size",), "hidden_size": ("hidden_size",),
               "kv_size": ("num_key_value_heads", "head_dim")}
 _OURS = {"num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads"}
 _MAX_LISTED = 5
+# Checkpoints up to this size are checked for NaN and Inf on load unless told otherwise: reading 1 GiB
+# twice costs about a second here, while a NaN found only as "logits contain NaN" names no tensor.
+CHECK_ON_LOAD_BYTES = 1 << 30
 
 
 class CheckpointError(ValueError):
@@ -76,6 +79,14 @@ class Checkpoint:
         with safe_open(entry.file, framework="pt") as f:
             return f.get_tensor(name)
 
+    def check_weights(self, progress: bool = False) -> None:
+        """Read every tensor; CheckpointError names the first (in HF order) that holds NaN or Inf."""
+        from tqdm import tqdm
+
+        for name in tqdm(self.names(), desc="checking weights", unit="tensor", file=sys.stderr, leave=False,
+                         disable=not (progress and sys.stderr.isatty())):
+            check_finite(name, self.get(name), self.path)
+
     def num_bytes(self) -> int:
         return sum(torch.Size(e.shape).numel() * _ITEMSIZE[e.dtype] for e in self._entries.values())
 
@@ -91,7 +102,21 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {c.architecture}, {c.num_layers} layers, {len(self._entries)} tensors)"
 
 
-def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
+def check_finite(name: str, tensor: torch.Tensor, where: Path | str = "") -> None:
+    """Raise CheckpointError if ``tensor`` holds NaN or Inf, naming it, the count and the first place."""
+    bad = ~torch.isfinite(tensor)
+    if not bad.any():
+        return
+    flat = int(bad.reshape(-1).nonzero()[0, 0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tensor.shape))
+    value = tensor.reshape(-1)[flat].item()
+    raise CheckpointError(f"{where}: tensor {name} holds {int(bad.sum())} non-finite values "
+                          f"(first: {value} at index {list(index)}); the checkpoint is corrupt")
+
+
+def load_checkpoint(path: str | Path, *, progress: bool = True, check_weights: bool | None = None) -> Checkpoint:
+    """Index and validate a checkpoint; ``check_weights`` also reads every tensor for NaN and Inf
+    (None: only checkpoints up to CHECK_ON_LOAD_BYTES)."""
     path = Path(path)
     config = _read_config(path)
     files, weight_map = _weight_files(path)
@@ -101,7 +126,10 @@ def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
             raise CheckpointError(f"{path}: {INDEX_FILE} puts {name} in {file}, but it is in {found[name].file.name}")
     entries = _check(path, config, found, files)
     tokenizer = path / "tokenizer.json"
-    return Checkpoint(path, config, entries, tokenizer if tokenizer.is_file() else None)
+    ckpt = Checkpoint(path, config, entries, tokenizer if tokenizer.is_file() else None)
+    if check_weights or (check_weights is None and ckpt.num_bytes() <= CHECK_ON_LOAD_BYTES):
+        ckpt.check_weights(progress)
+    return ckpt
 
 
 def _read_config(path: Path) -> ModelConfig:

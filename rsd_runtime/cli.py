@@ -2,7 +2,7 @@
 
     rsd-launch --devices 4 status          # -smi style table, then shut down
     rsd-launch generate --tp 4 --prompt "Hello"
-    rsd-launch sweep                       # remove segments left by dead runs
+    rsd-launch sweep                       # remove segments and run directories left by dead runs
 
 Each sub-command registers itself in ``COMMANDS`` with the ``@command`` decorator: one
 function adds its own options to its parser, and it names the groups of shared options
@@ -97,12 +97,15 @@ def _sweep_args(p):
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
 
-@command("sweep", "remove shared-memory segments left by runs whose host is gone", _sweep_args, shared=("shm",))
+@command("sweep", "remove shared-memory segments and run directories left by runs whose host is gone", _sweep_args,
+         shared=("shm",))
 def cmd_sweep(args) -> int:
     report = shm.sweep(args.shm_prefix, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for run, names in report.removed.items():
         print(f"{verb} {len(names)} segments of stale run {run}")
+    for path in report.dirs:
+        print(f"{verb} run directory {path} (its host is gone)")
     for run, names in report.live.items():
         print(f"kept {len(names)} segments of live run {run}")
     if report.foreign:
@@ -111,7 +114,7 @@ def cmd_sweep(args) -> int:
         for name in report.foreign:
             print(f"  {shm.SHM_DIR / name}", file=sys.stderr)
         return 2
-    if not (report.removed or report.live):
+    if not (report.removed or report.live or report.dirs):
         print("nothing to sweep")
     return 0
 
@@ -132,6 +135,11 @@ def _generate_args(p):
     p.add_argument("--ignore-eos", action="store_true",
                    help="go on past the end-of-sequence token, up to --max-new-tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; none: the checkpoint's")
+    chk = p.add_mutually_exclusive_group()
+    chk.add_argument("--check-weights", dest="check_weights", action="store_true", default=None,
+                     help="read every tensor first and name the first holding NaN or Inf (default: only "
+                          "checkpoints up to 1 GiB)")
+    chk.add_argument("--no-check-weights", dest="check_weights", action="store_false")
 
 
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
@@ -148,7 +156,8 @@ def cmd_generate(args) -> int:
     else:
         prompts = args.prompt or ["Hello"]
     with LLM(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
-             phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json) as llm:
+             phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json,
+             check_weights=args.check_weights) as llm:
         stream = None
         if not args.json and len(prompts) == 1:
             stream = lambda i, tok, text: print(printable(text), end="", flush=True)  # noqa: E731

@@ -97,13 +97,15 @@ class Cluster:
         self.sweep_report = shm.sweep(self.shm_prefix)
         for run, names in self.sweep_report.removed.items():
             log.warning("swept %d stale segments of run %s (its host is gone)", len(names), run)
+        for path in self.sweep_report.dirs:
+            log.warning("swept the run directory %s (its host is gone)", path)
         if self.sweep_report.foreign:
             names = ", ".join(str(shm.SHM_DIR / n) for n in self.sweep_report.foreign[:5])
             raise ClusterError(
                 f"{len(self.sweep_report.foreign)} segments carry the prefix {self.shm_prefix!r} but are not "
                 f"this user's rsd-runtime segments ({names}); remove them or choose another --shm-prefix")
         self.run_name = shm.new_run_name(self.shm_prefix)
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.run_name}-"))  # mode 0700: only we enter
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.run_name}-", dir=shm.run_dir_root()))  # mode 0700: only we enter
         self._closed = False
         atexit.register(self.shutdown)
         self._install_sigterm()
@@ -111,7 +113,7 @@ class Cluster:
             self._ctx = zmq.Context()
             self._auth = RunAuthenticator(self._ctx, self._secret)
             self.control = ControlPlane(self._ctx, f"ipc://{self.run_dir}/control", self._secret,
-                                        check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
+                                        num_cards=self.num_devices, check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
             for card in range(self.num_devices):
                 self.procs[card] = self._spawn(card, attach=False)
             self._await_hello(range(self.num_devices), progress)
@@ -268,6 +270,21 @@ class Cluster:
                        "memory_capacity": self.spec.memory_bytes, "host_rss": None, "clock_ns": None}
             rows.append(row)
         return rows
+
+    def malformed(self, rows: list[dict] | None = None) -> dict:
+        """Messages dropped as malformed: by the host's control plane (per reason) and by the cards'
+        fabric (from ``rows``, a ``status()``, if given)."""
+        out = {"control": sum(self.control.malformed.values()), "control_reasons": dict(self.control.malformed)}
+        if rows is not None:
+            out["fabric"] = sum(r.get("fabric_malformed") or 0 for r in rows)
+        return out
+
+    def health(self) -> dict:
+        """Which cards are alive and how many messages were dropped as malformed."""
+        rows = self.status()
+        return {"ok": not self.control.dead, "dead_cards": {c: str(e).splitlines()[0] for c, e in
+                                                             self.control.dead.items()},
+                "malformed": self.malformed(rows)}
 
     def put(self, card: int, name: str, tensor) -> dict:
         """Place ``tensor`` (numpy or torch) into card ``card``'s arena under ``name``."""

@@ -7,7 +7,8 @@ watches the card processes so that a dead card fails its pending calls at once
 instead of leaving them to hang.
 
 Only peers that opened with the run's secret are heard; anything else, and any
-malformed frame, is logged and dropped.
+malformed message, is counted (``malformed``), logged and dropped. Each message
+is handled in its own try: no message stops the I/O thread.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import hmac
 import itertools
 import logging
 import threading
+import re
 import time
+from collections import Counter
 from concurrent.futures import Future
 from typing import Callable
 
@@ -25,12 +28,19 @@ from interconnect import auth, wire
 from rsd_runtime.errors import CardDied, CardError
 
 log = logging.getLogger("rsd.host")
+_IDENTITY = re.compile(r"^card(\d{1,4})(\.hb)?$")  # a card's command socket, or its heartbeat socket
+
+
+class Malformed(ValueError):
+    """A message the control plane drops; its first argument is the counter it goes under."""
 
 
 class ControlPlane:
-    def __init__(self, ctx: zmq.Context, address: str, secret: str, *,
+    def __init__(self, ctx: zmq.Context, address: str, secret: str, *, num_cards: int,
                  check_cards: Callable[[], dict[int, CardDied]], heartbeat_timeout: float):
         self.ctx = ctx
+        self.num_cards = num_cards
+        self.malformed: Counter[str] = Counter()  # reason -> messages dropped
         self.secret = secret
         self.check_cards = check_cards
         self.heartbeat_timeout = heartbeat_timeout
@@ -125,18 +135,29 @@ class ControlPlane:
                         msg = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._on_card_message(msg)
+                    self._handle(self._on_card_message, msg)
             if self._pull in events:
                 for _ in range(256):
                     try:
                         msg = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._forward(msg)
+                    self._handle(self._forward, msg)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.05
-                self._check_health(now)
+                self._handle(self._check_health, now)
+
+    def _handle(self, fn, arg) -> None:
+        """One message (or health check) in its own try: a bad one is counted and dropped."""
+        try:
+            fn(arg)
+        except Malformed as exc:
+            self.malformed[exc.args[0]] += 1
+            log.warning("control: dropped a message: %s", exc.args[1])
+        except Exception as exc:  # a bug must not stop the thread every caller depends on
+            self.malformed["error"] += 1
+            log.exception("control: %s failed on a message: %s", fn.__name__, exc)
 
     def _forward(self, msg) -> None:
         try:
@@ -147,22 +168,31 @@ class ControlPlane:
             if req_id is not None:
                 self._fail_request(req_id, CardDied(card, None, f"cannot be reached ({exc.strerror})"))
 
+    def _card_of(self, ident: str) -> int:
+        """The card behind a socket identity; only cards of this cluster."""
+        m = _IDENTITY.match(ident)
+        if m is None or int(m[1]) >= self.num_cards:
+            raise Malformed("identity", f"a message from {ident!r}, which is no card of this cluster")
+        return int(m[1])
+
     def _on_card_message(self, msg) -> None:
         ident = bytes(msg[0]).decode(errors="replace")
+        sender = self._card_of(ident)
         try:
             header = wire.unpack(msg[1].buffer) if len(msg) > 1 else None
-            if header is None:
-                raise wire.WireError("empty message")
         except wire.WireError as exc:
-            self.num_malformed += 1
-            log.warning("control: dropped a malformed message from %r: %s", ident, exc)
-            return
+            raise Malformed("header", f"a malformed message from {ident!r}: {exc}") from None
+        if header is None:
+            raise Malformed("header", f"an empty message from {ident!r}")
         op = header["op"]
         if op in ("hello", "heartbeat"):
             if not hmac.compare_digest(str(header.get("secret", "")).encode(), self.secret.encode()):
-                log.warning("control: refused %s from %r: wrong run secret", op, ident)
-                return
-            card = int(header["card"])
+                raise Malformed("secret", f"{op} from {ident!r} with a wrong run secret")
+            card = header.get("card")
+            if type(card) is not int or card != sender:
+                raise Malformed("field", f"{op} from {ident!r} names card {card!r}")
+            if op == "hello" and (not isinstance(header.get("fabric"), str) or type(header.get("pid")) is not int):
+                raise Malformed("field", f"hello from {ident!r} without a fabric endpoint and pid")
             with self._lock:
                 self.last_seen[card] = time.monotonic()
                 if op == "hello":
@@ -170,19 +200,20 @@ class ControlPlane:
                     self.hello_event.notify_all()
             return
         if op != "reply":
-            log.warning("control: unexpected op %r from %r", op, ident)
-            return
+            raise Malformed("op", f"unexpected op {op!r} from {ident!r}")
+        req_id = header.get("id")
+        if type(req_id) is not int:
+            raise Malformed("field", f"a reply from {ident!r} with id {req_id!r}")
         with self._lock:
-            entry = self._pending.get(header.get("id"))
-            if entry is None or ident != f"card{entry[0]}" or entry[0] not in self.hello:
-                log.warning("control: dropped a reply from %r that matches no request", ident)
-                return
-            del self._pending[header["id"]]
+            entry = self._pending.get(req_id)
+            if entry is None or sender != entry[0] or ident != f"card{sender}" or sender not in self.hello:
+                raise Malformed("unmatched", f"a reply from {ident!r} that matches no request")
+            del self._pending[req_id]
         card, req_op, fut, _ = entry
-        if header.get("ok"):
+        if header.get("ok") is True:
             fut.set_result((header, msg[2:]))
         else:
-            fut.set_exception(CardError(card, req_op, header.get("error", "?"), header.get("kind", "")))
+            fut.set_exception(CardError(card, req_op, str(header.get("error", "?")), str(header.get("kind", ""))))
 
     def _send_abort(self, card: int, reason: str) -> None:
         try:

@@ -14,12 +14,11 @@ from rsd_runtime.model_config import ModelConfig
 
 
 def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, dtype: str, weight_dtype: str,
-           num_kv_blocks: int, block_size: int, progress: bool = False,
-           check_weights: bool | None = None) -> list[CardProgram]:
+           num_kv_blocks: int, block_size: int, progress: bool = False) -> list[CardProgram]:
     programs = compile_model(cfg, tp, cards)
     check_fits(cfg, tp, cluster.spec, weight_dtype, dtype, num_kv_blocks, block_size, cards[0])
     if ckpt is not None:
-        load_weights(cluster, ckpt, programs, progress=progress, check_weights=check_weights)
+        load_weights(cluster, ckpt, programs, progress=progress)
     else:
         place_phantom(cluster, cfg, programs, weight_dtype)
     load_programs(cluster, programs, cfg, dtype=dtype, weight_dtype=weight_dtype, num_kv_blocks=num_kv_blocks,

@@ -58,7 +58,7 @@ class LLMEngine:
         (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
         preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology."""
         # bad checkpoints and impossible splits fail before any card starts
-        self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress)
+        self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress, check_weights)
         self.model = model
         self.cfg = cfg
         check_tp(cfg, tp)
@@ -90,7 +90,7 @@ class LLMEngine:
         try:
             self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
                                    weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
-                                   block_size=block_size, progress=progress, check_weights=check_weights)
+                                   block_size=block_size, progress=progress)
         except BaseException:
             self.close()
             raise
@@ -355,8 +355,8 @@ class EngineStats:
         self.failed_steps = self.recoveries = self.cards_restarted = 0
 
 
-def resolve_model(model: str, phantom: bool, progress: bool = True):
-    """(checkpoint or None, ModelConfig, tokenizer.json path or None).
+def resolve_model(model: str, phantom: bool, progress: bool = True, check_weights: bool | None = None):
+    """(checkpoint or None, ModelConfig, tokenizer.json path or None); ``check_weights``: see load_checkpoint.
 
     A phantom run needs only the shape of a model: a preset name (llama3-8b, ...) or a
     directory's config.json; its weights, if any, are not read.
@@ -378,5 +378,5 @@ def resolve_model(model: str, phantom: bool, progress: bool = True):
             tok if tok.is_file() else None)
     if model in MODEL_PRESETS:
         raise ValueError(f"{model!r} is a shape preset without weights: run it with phantom cards (--phantom)")
-    ckpt = load_checkpoint(model, progress=progress)
+    ckpt = load_checkpoint(model, progress=progress, check_weights=check_weights)
     return ckpt, ckpt.config, ckpt.tokenizer_path

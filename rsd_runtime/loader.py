@@ -8,8 +8,7 @@ from tqdm import tqdm
 from rsd_runtime.compiler import CardProgram
 
 
-def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool = True,
-                 check_weights: bool | None = None) -> int:
+def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool = True) -> int:
     """Put every card's shards into its arena (in flight to all cards at once); returns the bytes placed."""
     by_source: dict[str, list[tuple[int, object]]] = {}
     for prog in programs:

@@ -34,6 +34,12 @@ _FAMILY_DEFAULTS = {
     "qwen2": dict(max_position_embeddings=32768, bos_token_id=None, eos_token_id=None, num_key_value_heads=32,
                   sliding_window=4096, max_window_layers=28),
 }
+# Upper bounds on a config's sizes, checked before anything is allocated: each is 8x or more the largest
+# dense model of MODEL_PRESETS (Llama 3.1 405B: vocab 128256, hidden 16384, ffn 53248, 126 layers,
+# 128 heads, head_dim 128, 131072 positions; meta-llama/Llama-3.1-405B config.json), so that no real
+# model is refused and a typo (num_hidden_layers=1e7) is refused at once instead of eating memory.
+LIMITS = {"vocab_size": 1 << 21, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_layers": 1024,
+          "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024, "max_position_embeddings": 1 << 24}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 # Per-layer tensors: suffix -> the config quantity behind each dimension (see ModelConfig.dim).
@@ -75,6 +81,17 @@ class ModelConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}: {f}={v!r} must be a positive integer")
+            if v > LIMITS[f]:
+                raise ValueError(f"{name}: {f}={v} exceeds the limit of {LIMITS[f]} (see model_config.LIMITS)")
+        for f in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ValueError(f"{name}: {f}={v!r} must be a number")
+        for f in ("bos_token_id", *(("eos_token_ids",) if isinstance(self.eos_token_ids, tuple) else ())):
+            ids = getattr(self, f)
+            for t in ids if isinstance(ids, tuple) else (ids,):
+                if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+                    raise ValueError(f"{name}: {f} holds {t!r}, which is not a token id")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{name}: num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}; each kv head must serve a whole group of heads")
@@ -143,6 +160,15 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         """From a config.json dict; raises UnsupportedModel for what this runtime cannot run."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"config.json must hold a JSON object, got a {type(cfg).__name__}")
+        try:
+            return cls._from_hf(cfg)
+        except TypeError as exc:  # a field of the wrong JSON type met arithmetic or a lookup
+            raise ValueError(f"config.json holds a field of the wrong type: {exc}") from None
+
+    @classmethod
+    def _from_hf(cls, cfg: dict) -> "ModelConfig":
         arch = _family(cfg)
         missing = [k for k in _REQUIRED if cfg.get(k) is None]
         if missing:
@@ -182,12 +208,14 @@ class ModelConfig:
 def _family(cfg: dict) -> str:
     supported = f"supported: {', '.join(ARCHITECTURES)} (model_type {', '.join(ARCHITECTURES.values())})"
     archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"config.json: architectures must be a list of class names, got {archs!r:.80}")
     if archs:
         if archs[0] not in ARCHITECTURES:
             raise UnsupportedModel(f"unsupported architecture {archs[0]!r}; {supported}")
         return ARCHITECTURES[archs[0]]
     model_type = cfg.get("model_type")
-    if model_type not in ARCHITECTURES.values():
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES.values():
         raise UnsupportedModel(f"unsupported architecture (model_type {model_type!r}, no architectures); {supported}")
     return model_type
 
@@ -201,7 +229,10 @@ def _rope(cfg: dict, arch: str) -> tuple[float, dict | None]:
     dict wins over the top-level one.
     """
     rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", _DEFAULT_ROPE_THETA)))
+    theta = rope.get("rope_theta", cfg.get("rope_theta", _DEFAULT_ROPE_THETA))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise ValueError(f"{arch} config: rope_theta={theta!r} must be a number")
+    theta = float(theta)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return theta, None

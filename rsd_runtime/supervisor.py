@@ -47,7 +47,7 @@ def spawn_card(card: int, *, run: str, control: str, secret: str, spec: str, run
                log_level: str | None = None, slowdown: float = 0.0) -> CardProcess:
     """Start one card in a fresh interpreter (spawn, not fork)."""
     cmd = [sys.executable, "-m", "devices", "--run", run, "--card", str(card), "--control", control,
-           "--spec", spec, "--heartbeat", str(heartbeat_s), "--fabric-bind", fabric_bind]
+           "--spec", spec, "--heartbeat", str(heartbeat_s), "--fabric-bind", fabric_bind, "--run-dir", str(run_dir)]
     if attach:
         cmd.append("--attach")
     if phantom:

@@ -99,3 +99,32 @@ def test_kv_cache_lives_in_shared_memory(module_cluster):
     seg.close()
 
 
+
+
+@pytest.mark.parametrize("fields, names", [
+    ({"name": "neg", "dtype": "float32", "shape": [-1, -4]}, "shape\\[0\\] is -1"),
+    ({"name": "neg2", "dtype": "float32", "shape": [4, -1]}, "shape\\[1\\] is -1"),
+    ({"name": "flt", "dtype": "float32", "shape": [2.5]}, "shape\\[0\\] is 2.5"),
+    ({"name": "deep", "dtype": "float32", "shape": [1] * 9}, "shape must be a list"),
+    ({"name": ["x"], "dtype": "float32", "shape": [1]}, "name must be a string"),
+    ({"name": "dt", "dtype": ["float32"], "shape": [1]}, "unknown dtype"),
+])
+def test_puts_with_bad_fields_are_refused_by_name(module_cluster, fields, names):
+    with pytest.raises(CardError, match=names):
+        module_cluster.control.call(0, "put", fields, [b"\0" * 16], timeout=10)
+    assert all(t["name"] not in ("neg", "neg2") for t in module_cluster.tensors(0))
+
+
+@pytest.mark.parametrize("fields, names", [
+    ({"group": [0, 99]}, "group\\[1\\] is 99"),
+    ({"group": [0, 0]}, "names a card twice"),
+    ({"group": [1, 2]}, "does not include card 0"),
+    ({"group": [0, 1], "root": -1}, "root is -1"),
+    ({"group": [0, 1], "root": 2}, "root is 2"),
+])
+def test_collectives_with_bad_indices_are_refused_by_name(module_cluster, fields, names):
+    with pytest.raises(CardError, match=names):
+        module_cluster.control.call(0, "collective", {"kind": "broadcast", "dtype": "float32", **fields},
+                                    [np.ones(4, np.float32)], timeout=10)
+    out = module_cluster.collective("all_reduce", [np.ones(3, np.float32)] * 4)
+    assert all(o.tolist() == [4.0] * 3 for o in out["outputs"])

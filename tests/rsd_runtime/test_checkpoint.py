@@ -233,3 +233,32 @@ def _edit_config(path: Path, **changes) -> None:
 
 def _edit_config_text(path: Path, cfg: dict) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("name, bad", [("llama-f32", float("nan")), ("llama-sharded", float("-inf"))])
+def test_nan_or_inf_weights_are_named_on_load(copy_of, name, bad):
+    from rsd_runtime.model_config import ModelConfig
+
+    path = copy_of(name)
+    files = sorted(path.glob("*.safetensors"))
+    target = "model.layers.1.mlp.down_proj.weight"
+    for f in files:
+        weights = load_file(f)
+        if target in weights:
+            weights[target][3, 5] = bad
+            weights[target][7, 0] = bad
+            save_file(weights, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {target} holds 2 non-finite values \(first: -?(nan|inf) "
+                                              r"at index \[3, 5\]\)"):
+        load_checkpoint(path, progress=False)  # small: checked by default
+    with pytest.raises(CheckpointError, match=target):
+        load_checkpoint(path, progress=False, check_weights=True)
+    ckpt = load_checkpoint(path, progress=False, check_weights=False)  # told not to: headers only
+    assert isinstance(ckpt.config, ModelConfig)
+
+
+def test_config_json_that_is_a_list_is_refused_by_name(copy_of):
+    path = copy_of("llama-f32")
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json must hold a JSON object, got a list"):
+        load_checkpoint(path, progress=False)

@@ -95,3 +95,18 @@ def test_subcommand_help_offers_only_its_flags():
     assert "--devices" in topo and "--json" in topo and "--phantom" not in topo and "--shm-prefix" not in topo
     generate = run_cli("generate", "--help").stdout
     assert "--ignore-eos" in generate and "go on past the end-of-sequence" in generate
+
+
+def test_generate_check_weights_names_the_tensor_holding_nan(shm_prefix, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rsd_runtime.tiny_model import ensure_tiny_model
+
+    model = tmp_path / "tiny"
+    shutil.copytree(ensure_tiny_model(), model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"][2] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    r = rsd_launch("generate", "--model", str(model), "--tp", "2", "--check-weights", prefix=shm_prefix)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tensor model.norm.weight holds 1 non-finite values (first: nan at index [2])" in r.stderr

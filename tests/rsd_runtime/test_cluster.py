@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -134,12 +137,49 @@ def test_host_signal_shuts_cards_down(sig, host_process):
     assert run_segments() == []
 
 
-def test_host_kill9_leaves_no_orphans_or_segments(host_process):
+def test_host_kill9_leaves_no_orphans_segments_or_run_dir(host_process):
     proc, pids, run_segments = host_process()
+    run_dir = proc.run_dir
+    assert run_dir.is_dir()
     proc.kill()
     proc.wait(10)
     assert wait_until(lambda: not any(_alive(p) for p in pids), 5.0), f"cards outlived their host: {_describe(pids)}"
     assert wait_until(lambda: run_segments() == [], 5.0)
+    assert wait_until(lambda: not run_dir.exists(), 5.0), f"{run_dir} outlived its host"
+
+
+def test_cards_started_from_a_thread_that_ends_stay(shm_prefix):
+    made = {}
+    t = threading.Thread(target=lambda: made.setdefault("c", Cluster(num_devices=2, shm_prefix=shm_prefix).start()))
+    t.start()
+    t.join()
+    cluster = made["c"]
+    try:
+        time.sleep(0.5)  # a parent-death signal tied to the thread would have ended the cards by now
+        cluster.check()
+        assert [r["state"] for r in cluster.status()] == ["idle", "idle"]
+        cluster.put(1, "w", np.arange(4.0))
+        assert cluster.get(1, "w").tolist() == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        cluster.shutdown()
+
+
+def test_sweep_removes_run_dirs_of_dead_hosts_only(shm_prefix, capsys):
+    from devices.shm import run_dir_root
+    from rsd_runtime.cli import main
+
+    stale = run_dir_root() / f"{shm_prefix}_{_dead_pid()}_0badc0de-x1"
+    live = run_dir_root() / f"{shm_prefix}_{os.getpid()}_0badc0de-x2"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "card0.log").write_text("log")
+    try:
+        assert main(["sweep", "--shm-prefix", shm_prefix]) == 0
+        assert f"removed run directory {stale}" in capsys.readouterr().out
+        assert not stale.exists() and live.is_dir()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
 
 
 HOST_SCRIPT = """
@@ -148,7 +188,7 @@ import numpy as np
 from rsd_runtime import Cluster
 with Cluster(num_devices=2, shm_prefix=sys.argv[1]) as c:
     c.put(0, "w", np.ones(1000))
-    print(" ".join(str(r["pid"]) for r in c.status()), flush=True)
+    print(" ".join(str(r["pid"]) for r in c.status()), c.run_dir, flush=True)
     time.sleep(60)
 """
 
@@ -165,7 +205,9 @@ def host_process(shm_prefix, tmp_path):
         script = tmp_path / "host.py"
         script.write_text(HOST_SCRIPT)
         proc = subprocess.Popen([sys.executable, str(script), shm_prefix], stdout=subprocess.PIPE, text=True)
-        pids = [int(p) for p in proc.stdout.readline().split()]
+        *pids, run_dir = proc.stdout.readline().split()
+        pids = [int(p) for p in pids]
+        proc.run_dir = Path(run_dir)
         started.append((proc, pids))
         assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
 

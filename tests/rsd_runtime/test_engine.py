@@ -5,6 +5,7 @@ import asyncio
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from conftest import assert_no_leaks
@@ -85,6 +86,20 @@ def test_a_stream_never_shows_the_stop_string(llm, alone):
     for piece in streamed:
         shown += piece
         assert stop not in shown
+
+
+@pytest.mark.parametrize("table, names", [([-1], "KV block -1 does not exist"), ([10 ** 9], "KV block 1000000000"),
+                                          ([0, 0], "named twice"), (["a"], "must hold ints")])
+def test_a_step_naming_a_bad_kv_block_is_refused_and_overwrites_nothing(llm, alone, table, names):
+    from devices.step import SeqSlice, StepPlan
+    from rsd_runtime import CardError
+
+    n = 17 if len(table) == 2 else 1
+    blob = StepPlan(0, [SeqSlice(0, n, 0, table)], [0], np.ones(n, np.int32)).pack()
+    for card in llm.engine.cards:
+        with pytest.raises(CardError, match=names):
+            llm.engine.cluster.control.call(card, "step", None, [blob], timeout=10)
+    assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids == alone[0].token_ids
 
 
 def test_many_async_callers_share_the_batch_and_each_gets_its_own(llm, alone):

@@ -193,3 +193,32 @@ def test_unknown_preset_lists_names():
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*llama3-8b, llama3-70b, llama3.1-405b"):
         get_model_preset("gpt5")
     assert set(MODEL_PRESETS) == {"llama3-8b", "llama3-70b", "llama3.1-405b"}
+
+
+@pytest.mark.parametrize("doc, named", [
+    ([1, 2, 3], "must hold a JSON object, got a list"),
+    ("llama", "must hold a JSON object, got a str"),
+    ({**hf_dict(LlamaConfig), "num_hidden_layers": 10_000_000}, "num_layers=10000000 exceeds the limit"),
+    ({**hf_dict(LlamaConfig), "num_hidden_layers": 1e7}, "num_layers=10000000.0 must be a positive integer"),
+    ({**hf_dict(LlamaConfig), "vocab_size": 1 << 40}, "vocab_size=1099511627776 exceeds the limit"),
+    ({**hf_dict(LlamaConfig), "hidden_size": "32"}, "hidden_size='32' must be a positive integer"),
+    ({**hf_dict(LlamaConfig), "rms_norm_eps": [1e-6]}, "wrong type"),
+    ({**hf_dict(LlamaConfig), "rope_parameters": {"rope_theta": "big"}}, "rope_theta='big' must be a number"),
+    ({**hf_dict(LlamaConfig), "architectures": {"a": 1}}, "architectures must be a list"),
+    ({**hf_dict(LlamaConfig), "architectures": None, "model_type": ["llama"]}, "unsupported architecture"),
+    ({**hf_dict(LlamaConfig), "eos_token_id": ["x"]}, "eos_token_ids holds 'x'"),
+])
+def test_configs_of_the_wrong_type_or_size_are_refused_at_once(doc, named):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=named):
+        ModelConfig.from_hf(doc)
+    assert time.perf_counter() - t0 < 0.5  # refused before anything is built
+
+
+def test_limits_admit_every_preset():
+    from rsd_runtime.model_config import LIMITS
+
+    for cfg in MODEL_PRESETS.values():
+        assert all(getattr(cfg, f) * 8 <= lim for f, lim in LIMITS.items())
