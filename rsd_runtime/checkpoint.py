@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from rsd_runtime.model_config import ModelConfig, UnsupportedModel
+from rsd_runtime.tokenizer import tokenizer_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -100,8 +101,7 @@ def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
         if name in found and found[name].file.name != file:
             raise CheckpointError(f"{path}: {INDEX_FILE} puts {name} in {file}, but it is in {found[name].file.name}")
     entries = _check(path, config, found, files)
-    tokenizer = path / "tokenizer.json"
-    return Checkpoint(path, config, entries, tokenizer if tokenizer.is_file() else None)
+    return Checkpoint(path, config, entries, tokenizer_file(path))
 
 
 def _read_config(path: Path) -> ModelConfig:
