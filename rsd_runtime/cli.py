@@ -14,11 +14,14 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from devices import shm
 from devices.memory import fmt_bytes
 from devices.spec import PRESETS
 from rsd_runtime.errors import CardDied, CardError, ClusterError
+
+log = logging.getLogger("rsd.cli")
 
 COMMANDS: dict[str, tuple[str, callable, callable, tuple[str, ...]]] = {}  # name -> (help, add_arguments, run, shared)
 
@@ -55,14 +58,6 @@ def cluster_from_args(args):
     return Cluster(num_devices=args.devices, device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix)
 
 
-def start_with_progress(cluster):
-    from tqdm import tqdm
-
-    with tqdm(total=cluster.num_devices, desc="starting cards", unit="card", file=sys.stderr,
-              disable=not sys.stderr.isatty(), leave=False) as bar:
-        return cluster.start(progress=bar.update)
-
-
 def format_status(rows: list[dict]) -> str:
     head = f"{'card':>4}  {'pid':>7}  {'state':<8} {'memory used / capacity':>26}  {'host RSS':>10}  {'emu clock':>12}"
     lines = [head, "-" * len(head)]
@@ -80,8 +75,10 @@ def format_status(rows: list[dict]) -> str:
 @command("status", "start the cards, print one row per card (-smi style), shut down",
          shared=("devices", "device", "shm", "json"))
 def cmd_status(args) -> int:
+    from rsd_runtime.cluster import start_with_bar
+
     cluster = cluster_from_args(args)
-    with start_with_progress(cluster):
+    with start_with_bar(cluster):
         rows = cluster.status()
         if args.json:
             print(json.dumps(rows, indent=2))
@@ -119,19 +116,32 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def token_ids(text: str) -> list[int]:
+    """--prompt-ids: whole numbers separated by commas."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        ids = None
+    if not ids:
+        raise argparse.ArgumentTypeError(f"expected token ids separated by commas, like 1,2,3; got {text!r}")
+    return ids
+
+
 def _generate_args(p):
-    p.add_argument("--model", help="Hugging Face model directory; none: the built-in tiny model")
+    p.add_argument("--model", help="Hugging Face model directory, or with --phantom a shape preset (llama3-8b, "
+                                   "...); none: the built-in tiny model")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree: the number of cards (none: --devices if given, else 4)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    src.add_argument("--prompt-ids", action="append", help="prompt token ids, comma separated (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt at most")
+    src.add_argument("--prompt", action="append", help='prompt text (repeat for a batch; none: "Hello")')
+    src.add_argument("--prompt-ids", action="append", type=token_ids, metavar="IDS",
+                     help="prompt token ids, comma separated, like 1,2,3 (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 samples greedily")
     p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (-1: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     p.add_argument("--seed", type=int, default=None, help="seed of the request's own generator")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); the output ends before it")
     p.add_argument("--ignore-eos", action="store_true",
                    help="go on past the end-of-sequence token, up to --max-new-tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; none: the checkpoint's")
@@ -142,44 +152,46 @@ def _generate_args(p):
     chk.add_argument("--no-check-weights", dest="check_weights", action="store_false")
 
 
+SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                  "top_p": "--top-p", "seed": "--seed", "stop": "--stop"}
+
+
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
 def cmd_generate(args) -> int:
     from rsd_runtime.llm import LLM
-    from rsd_runtime.sampling import SamplingParams
+    from rsd_runtime.phases import phase
 
+    t0 = time.perf_counter()
     tp_from_devices(args)
-
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-    if args.prompt_ids:
-        prompts = [[int(t) for t in p.replace(" ", "").split(",") if t] for p in args.prompt_ids]
-    else:
-        prompts = args.prompt or ["Hello"]
+    params = sampling_params(args)
+    prompts = args.prompt_ids or args.prompt or ["Hello"]
+    check_tokenizer(args.model, args.phantom, prompts)
     with LLM(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
              phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json,
              check_weights=args.check_weights) as llm:
+        engine = llm.engine
+        warn_capped(engine, prompts, params)
         stream = None
-        if not args.json and len(prompts) == 1:
-            stream = lambda i, tok, text: print(printable(text), end="", flush=True)  # noqa: E731
-            if isinstance(prompts[0], str):
-                print(prompts[0], end="", flush=True)
-        outs = llm.generate(prompts, params, on_token=stream)
-        spec = llm.engine.cluster.spec.name
+        if not args.json and len(prompts) == 1 and not args.phantom:
+            stream = start_stream(prompts[0], has_text=llm.tokenizer is not None)
+        times = dict(engine.timings)
+        with phase(log, f"generate {len(prompts)} prompt(s)", times, "generate_s"):
+            outs = llm.generate(prompts, params, on_token=stream)
+        spec = engine.cluster.spec.name
+    times["total_s"] = time.perf_counter() - t0
     if args.json:
-        docs = [{**o.to_dict(), "model": args.model or "tiny-llama (built in)", "tp": args.tp, "device": spec}
-                for o in outs]
-        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+        print(json.dumps([{**o.to_dict(), "model": args.model or "tiny-llama (built in)", "tp": args.tp,
+                           "device": spec, "phantom": args.phantom} for o in outs], indent=2))
         return 0
     for o in outs:
-        if stream is None:
-            shown = printable(o.text) if o.text is not None else o.token_ids
-            print(f"[{o.request_id}] {o.prompt or o.prompt_token_ids}{shown}")
-        else:
+        if stream is not None:
             print(flush=True)
-        m = o.metrics
-        print(f"-- {len(o.token_ids)} tokens ({o.finish_reason}) | wall: TTFT {m['ttft_s'] * 1e3:.1f} ms, "
-              f"TPOT {m['tpot_s'] * 1e3:.2f} ms | emulated ({args.tp} x {spec}): TTFT {m['emu_ttft_s'] * 1e6:.1f} us, "
-              f"TPOT {m['emu_tpot_s'] * 1e6:.2f} us", file=sys.stderr)
+        else:
+            print_output(o, phantom=args.phantom, label=len(outs) > 1)
+        print_summary(o, f"{args.tp} x {spec}", label=len(outs) > 1)
+    print(f"-- wall: read model {times['read_s']:.2f} s, start {args.tp} cards {times['start_s']:.2f} s, "
+          f"load {times['load_s']:.2f} s, generate {times['generate_s']:.2f} s; total {times['total_s']:.2f} s",
+          file=sys.stderr)
     return 0
 
 
@@ -193,9 +205,82 @@ def tp_from_devices(args) -> None:
     args.devices = args.tp
 
 
-def printable(text: str) -> str:
-    """Control characters a model may emit would drive the terminal: show them as escapes."""
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+def sampling_params(args):
+    """The request's SamplingParams; a bad value is named by its flag."""
+    from rsd_runtime.sampling import SamplingParams
+
+    values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos}
+    try:
+        return SamplingParams(**values)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        if field not in SAMPLING_FLAGS:
+            raise
+        raise ValueError(f"{SAMPLING_FLAGS[field]} {rest}") from None
+
+
+def check_tokenizer(model: str | None, phantom: bool, prompts: list) -> None:
+    """Text prompts need a tokenizer: say so before any card starts."""
+    from pathlib import Path
+
+    from rsd_runtime.model_config import MODEL_PRESETS
+    from rsd_runtime.tokenizer import tokenizer_file
+
+    if model is None or not any(isinstance(p, str) for p in prompts):
+        return
+    if (phantom and model in MODEL_PRESETS) or (Path(model).is_dir() and tokenizer_file(model) is None):
+        what = "the shape preset" if model in MODEL_PRESETS else "the model directory"
+        raise ValueError(f"{what} {model!r} has no tokenizer (tokenizer.json), so it takes no text: give the "
+                         f"prompt as token ids, like --prompt-ids 1,2,3")
+
+
+def warn_capped(engine, prompts: list, params) -> None:
+    """Say so when a request cannot get the tokens asked for: it ends at the context or the KV cache."""
+    for n, prompt in enumerate(prompts):
+        room = engine.max_len - len(engine.validate(prompt, params))
+        if params.max_tokens > room:
+            which = "prompt" if len(prompts) == 1 else f"prompt {n}"
+            print(f"rsd-launch: warning: {which} gets at most {room} new tokens, not --max-new-tokens "
+                  f"{params.max_tokens}: a request holds {engine.max_len} tokens (context "
+                  f"{engine.max_model_len}, KV cache {engine.scheduler.max_len})", file=sys.stderr)
+
+
+def start_stream(prompt, has_text: bool):
+    """Echo the prompt and return the callback that prints each new token as it comes."""
+    if has_text and isinstance(prompt, str):
+        print(printable(prompt), end="", flush=True)
+        return lambda i, tok, text: print(printable(text), end="", flush=True)
+    print(f"prompt ids {prompt} -> output ids", end="", flush=True)
+    return lambda i, tok, text: print(f" {tok}", end="", flush=True)
+
+
+def print_output(o, phantom: bool, label: bool) -> None:
+    tag = f"[{o.request_id}] " if label else ""
+    prompt = printable(o.prompt, escape_newlines=True) if o.prompt is not None else f"ids {o.prompt_token_ids}"
+    print(f"{tag}prompt: {prompt}")
+    if phantom:
+        shown = f"{len(o.token_ids)} placeholder tokens (phantom cards do no math; the timings are real)"
+    elif o.text is not None:
+        shown = printable(o.text, escape_newlines=True)
+    else:
+        shown = f"ids {o.token_ids}"
+    print(f"{tag}output: {shown}", flush=True)
+
+
+def print_summary(o, cards: str, label: bool) -> None:
+    m = o.metrics
+    tag = f"[{o.request_id}] " if label else ""
+    print(f"{tag}-- {len(o.token_ids)} tokens ({o.finish_reason}) | wall: TTFT {m['ttft_s'] * 1e3:.1f} ms, "
+          f"TPOT {m['tpot_s'] * 1e3:.2f} ms | emulated ({cards}): TTFT {m['emu_ttft_s'] * 1e6:.1f} us, "
+          f"TPOT {m['emu_tpot_s'] * 1e6:.2f} us", file=sys.stderr, flush=True)
+
+
+def printable(text: str, escape_newlines: bool = False) -> str:
+    """Control characters a model may emit would drive the terminal: show them as escapes (newlines
+    too, when the text shares a labelled line)."""
+    keep = "\t" if escape_newlines else "\n\t"
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def _serve_args(p):
