@@ -21,9 +21,11 @@ request in flight with an error output and refuses new work until
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
+import torch
 
 from devices.step import SeqSlice, StepPlan
 from rsd_runtime.block_manager import BlockManager
@@ -46,6 +48,13 @@ log = logging.getLogger("rsd.engine")
 
 class EngineDeadError(RuntimeError):
     """A step failed on the cards; the engine takes no work until ``recover()``."""
+
+
+def host_threads(num_cards: int) -> None:
+    """Leave a core to every card process: the host's torch ops (sampling) get the cores that remain,
+    at least one. A second intra-op thread that spins while the cards want the core costs the host
+    milliseconds per step on a machine with fewer cores than processes."""
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - num_cards)))
 
 
 class LLMEngine:
@@ -101,6 +110,7 @@ class LLMEngine:
             self.close()
             raise
         self.runner = CardRunner(self.cluster, self.cards, vocab_size=cfg.vocab_size)
+        host_threads(self.cluster.num_devices)
         self._init_host()
 
     def _start_sim(self, device, topology, cluster_kwargs) -> None:
