@@ -26,33 +26,27 @@ from __future__ import annotations
 import math
 import time
 
-from bench.common import write_json
-from bench.serve_metrics import RequestResult, print_summary, summarize
-from bench.workload import build_requests
+from bench.serve_metrics import RequestResult, print_table, summarize
+from bench.workload import load_dataset, schedule, synthetic_prompts
 
 
 def add_args(p) -> None:
+    """The replay's own options (--model, --tp, --phantom, the workload and --json are the live benchmark's)."""
     g = p.add_argument_group("replay on the emulated clock (--replay)")
-    g.add_argument("--replay", action="store_true", help="replay a rack in this process on the emulated clock "
-                                                         "instead of driving a live server")
-    g.add_argument("--phantom", action="store_true", help="phantom cards: the model's shape only, no weights")
-    g.add_argument("--model", help="checkpoint directory, or with --phantom a preset (llama3-8b, ...) "
-                                   "(default: the built-in tiny model; llama3-8b with --phantom)")
-    g.add_argument("--device", default="atom-plus", help="device preset or a .toml card file (default: atom-plus)")
-    g.add_argument("--tp", type=int, default=None, help="cards per instance (default: 4 with --phantom, else 2)")
-    g.add_argument("--instances", default="1", help="instances in the rack; a list (1,2,4,8) runs each (default: 1)")
-    g.add_argument("--routing", default="least-outstanding", help="routing policy (default: least-outstanding)")
+    g.add_argument("--device", default="atom-plus", help="device preset or a .toml card file")
+    g.add_argument("--instances", default="1", help="instances in the rack; a list (1,2,4,8) runs each")
+    g.add_argument("--routing", default="least-outstanding", help="routing policy")
     g.add_argument("--backend", choices=["sim", "cards"], default="sim",
                    help="phantom instances in this process (sim) or on card processes (same figures)")
     g.add_argument("--topology", default=None, help="fabric of each instance: a preset or a .toml file")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per instance step (default: 64)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per instance step")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per instance step, prefill chunks included (default: 2048)")
+                   help="tokens per instance step, prefill chunks included")
     g.add_argument("--router-hop-us", type=float, default=0.0,
                    help="emulated time a request spends in the router before it reaches its instance "
-                        "(default: 0, not modelled)")
-    g.add_argument("--cards-per-server", type=int, default=8, help="cards per server, for power (default: 8)")
-    g.add_argument("--server-watts", type=float, default=0.0, help="host power per server (default: 0)")
+                        "(0: not modelled)")
+    g.add_argument("--cards-per-server", type=int, default=8, help="cards per server, for power")
+    g.add_argument("--server-watts", type=float, default=0.0, help="host power per server")
     g.add_argument("--card-price", type=float, help="USD per card, for TPS per dollar")
     g.add_argument("--plot", metavar="PNG", help="draw throughput against instances and latency against rate")
 
@@ -108,7 +102,7 @@ def run_one(args, k: int, rate: float, requests, spec, progress: bool = True) ->
     engines = make_engines(args, k)
     try:
         replay = Replay(engines, get_policy(args.routing), router_hop_ns=round(args.router_hop_us * 1e3))
-        reqs = [ReplayRequest(round(r.arrival_s * 1e9), list(r.prompt_ids), r.output_len) for r in requests]
+        reqs = [ReplayRequest(round(at * 1e9), prompt, out) for at, prompt, out in requests]
         t0 = time.perf_counter()
         with tqdm(total=len(reqs), desc=f"{k} instance(s), {rate:g} req/s", unit="req", leave=False,
                   disable=not progress) as bar:
@@ -118,7 +112,7 @@ def run_one(args, k: int, rate: float, requests, spec, progress: bool = True) ->
         for e in engines:
             e.close()
     end_ns = max((r.end_ns or 0) for r in records)
-    summary = summarize(results_of(records), end_ns * 1e-9, goodput=args.goodput_slo)
+    summary = summarize(results_of(records), end_ns * 1e-9, goodput=args.goodput_objectives)
     cards = k * args.tp
     watts = cards * spec.tdp_watts + math.ceil(cards / args.cards_per_server) * args.server_watts
     summary.update({
@@ -134,14 +128,13 @@ def run_one(args, k: int, rate: float, requests, spec, progress: bool = True) ->
     return summary
 
 
-def run(args) -> int:
+def run(args, goodput: dict | None) -> int:
     from devices.spec import get_spec
     from rsd_runtime.routing import POLICIES
 
     if args.routing not in POLICIES:
         raise ValueError(f"unknown routing policy {args.routing!r}; known: {', '.join(POLICIES)}")
-    if args.tp is None:
-        args.tp = 4 if args.phantom else 2
+    args.goodput_objectives = goodput
     if args.model is None:
         args.model = "llama3-8b" if args.phantom else "tiny"
     if args.model == "tiny":
@@ -153,34 +146,66 @@ def run(args) -> int:
         raise ValueError(f"--instances must be >= 1, got {args.instances}")
     rates = _list(args.request_rate, _rate, "--request-rate")
     spec = get_spec(args.device)
-    vocab = _vocab(args)
+    specs = prompts(args)
     t0 = time.perf_counter()
     runs = []
     for k in instances:
         for rate in rates:
-            requests = build_requests(args, rate=rate, vocab_size=vocab)
+            times = schedule(specs, rate, args.burstiness, args.seed)
+            requests = [(at, p.prompt, p.output_len) for at, p in zip(times, specs)]
             s = run_one(args, k, rate, requests, spec)
             runs.append(s)
-            print_summary(s, title=f"replay: {k} instance(s) x tp={args.tp} of {args.model} on {spec.name}, "
-                                   f"{rate:g} req/s [emulated clock]")
+            print_table(s, f"Replay: {k} x tp={args.tp}, {rate:g} req/s", clock="emulated")
     _scaling_table(runs)
     wall = time.perf_counter() - t0
     print(f"# wall time {wall:.1f} s (the figures above are on the emulated clock)")
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k not in ("json", "goodput_slo")}
+        import json
+        import os
+
+        config = {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf") for k, v in vars(args).items()
+                  if k not in ("json", "goodput_objectives")}
         best = max(runs, key=lambda r: r["output_throughput"])
-        write_json(args.json, "serve-replay", config, runs, **{**runs[-1], "best": best, "wall_s": wall})
+        # the last run's figures at the top, under the live benchmark's keys; every run in "runs"
+        doc = {"benchmark": "serve-replay", **_finite(runs[-1]), "config": config,
+               "goodput_objectives_ms": args.goodput_objectives, "runs": [_finite(r) for r in runs],
+               "best": _finite(best), "wall_s": wall}
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
         print(f"# wrote {args.json}")
     if args.plot:
         plot(args.plot, runs, args)
     return 0
 
 
-def _vocab(args) -> int:
+def _finite(d: dict) -> dict:
+    """JSON has no infinity: an infinite rate is written "inf", as the live benchmark does."""
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+
+
+def prompts(args) -> list:
+    """The workload's prompts as token ids (text in a dataset is tokenised with the model's tokenizer)."""
     from rsd_runtime.engine import resolve_model
 
-    _, cfg, _ = resolve_model(args.model, args.phantom, progress=False)
-    return cfg.vocab_size
+    _, cfg, tokenizer_path = resolve_model(args.model, args.phantom, progress=False)
+    if not args.dataset:
+        return synthetic_prompts(args.num_prompts, args.input_len, args.output_len, cfg.vocab_size, args.seed)
+    specs = load_dataset(args.dataset, args.num_prompts)
+    if any(isinstance(s.prompt, str) for s in specs):
+        if tokenizer_path is None:
+            raise ValueError(f"{args.dataset} has text prompts but {args.model} has no tokenizer: give token ids")
+        from rsd_runtime.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(tokenizer_path)
+        for s in specs:
+            if isinstance(s.prompt, str):
+                s.prompt = tok.encode(s.prompt)
+    for i, s in enumerate(specs):
+        if max(s.prompt) >= cfg.vocab_size:
+            raise ValueError(f"{args.dataset}: request {i} holds token id {max(s.prompt)}, outside the "
+                             f"vocabulary of {cfg.vocab_size}")
+    return specs
 
 
 def _scaling_table(runs: list[dict]) -> None:
