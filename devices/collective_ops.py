@@ -58,7 +58,8 @@ class CollectiveOps:
         self.reset()
         spec = self.card.spec
         self.topology = get_topology(h["topology"], int(h["num_cards"]), h["link"], **h.get("options", {}))
-        ports = PortClock(self.topology, self.card.card, memory_reduce_ns(spec.memory_bw, spec.memory_efficiency))
+        ports = PortClock(self.topology, self.card.card, memory_reduce_ns(spec.memory_bw, spec.memory_efficiency),
+                          self.card.link_faults)
         self.card.fabric.configure(h["peers"], ports)
         return {"topology": repr(self.topology)}, []
 

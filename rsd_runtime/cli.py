@@ -16,7 +16,7 @@ import sys
 from devices import shm
 from devices.memory import fmt_bytes
 from devices.spec import PRESETS
-from rsd_runtime.errors import CardDied, CardError, ClusterError
+from rsd_runtime.errors import CardDied, CardError, ClusterError, EngineDeadError
 
 COMMANDS: dict[str, tuple[str, callable, callable]] = {}  # name -> (help, add_arguments, run)
 
@@ -110,6 +110,9 @@ def _generate_args(p):
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; none: the checkpoint's")
+    p.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="inject a fault (repeatable): kill:card=C:step=K, pause:card=C:step=K:seconds=T, "
+                        "link:src=A:dst=B:bw=F:lat_us=L:from_ns=T (bandwidth x F, latency + L from emulated T)")
     chk = p.add_mutually_exclusive_group()
     chk.add_argument("--check-weights", dest="check_weights", action="store_true", default=None,
                      help="read every tensor first and name the first holding NaN or Inf (default: only "
@@ -119,9 +122,11 @@ def _generate_args(p):
 
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
 def cmd_generate(args) -> int:
+    from devices.faults import FaultPlan
     from rsd_runtime.llm import LLM
     from rsd_runtime.sampling import SamplingParams
 
+    faults = FaultPlan.parse(args.inject)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     if args.prompt_ids:
@@ -131,6 +136,9 @@ def cmd_generate(args) -> int:
     with LLM(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
              phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json,
              check_weights=args.check_weights) as llm:
+        llm.engine.cluster.apply_faults(faults)
+        for line in faults.describe():
+            print(f"rsd-launch: injected: {line}", file=sys.stderr)
         stream = None
         if not args.json and len(prompts) == 1:
             stream = lambda i, tok, text: print(printable(text), end="", flush=True)  # noqa: E731
@@ -217,7 +225,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rsd-launch: interrupted; cards shut down", file=sys.stderr)
         return 130
-    except (ClusterError, CardDied, CardError, ValueError, shm.SegmentError, MemoryError) as exc:
+    except (ClusterError, CardDied, CardError, ValueError, shm.SegmentError, MemoryError, EngineDeadError) as exc:
         print(f"rsd-launch: error: {exc}", file=sys.stderr)
         return 2
 
