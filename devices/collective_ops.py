@@ -34,10 +34,7 @@ class CollectiveOps:
                 "collective_reuse": self.op_collective_reuse, "resync": self.op_resync}
 
     def group(self, ranks) -> ProcessGroup:
-        num_cards = len(self.card.fabric.peers)
-        key = tuple(fields.cards({"group": ranks}, "group", max(num_cards, 1)))
-        if self.card.card not in key:
-            raise fields.FieldError(f"group {list(key)} does not include card {self.card.card}")
+        key = tuple(int(r) for r in ranks)
         if key not in self.groups:
             self.groups[key] = ProcessGroup(self.card.fabric, list(key))
         return self.groups[key]
@@ -58,7 +55,8 @@ class CollectiveOps:
         self.reset()
         spec = self.card.spec
         self.topology = get_topology(h["topology"], int(h["num_cards"]), h["link"], **h.get("options", {}))
-        ports = PortClock(self.topology, self.card.card, memory_reduce_ns(spec.memory_bw, spec.memory_efficiency))
+        ports = PortClock(self.topology, self.card.card, memory_reduce_ns(spec.memory_bw, spec.memory_efficiency),
+                          self.card.link_faults)
         self.card.fabric.configure(h["peers"], ports)
         return {"topology": repr(self.topology)}, []
 
@@ -78,9 +76,8 @@ class CollectiveOps:
         np_dtype = wire.DTYPES[dtype][0]
         data = np.frombuffer(frames[0].buffer, np_dtype).copy() if frames else np.zeros(0, np_dtype)
         start_emu, t0 = self.card.clock.now, time.perf_counter_ns()
-        out = run(kind, g, data, dtype, h.get("algo", "auto"), h.get("redop", "sum"),
-                  fields.integer(h, "root", 0, g.size, 0), fields.integer(h, "peer", 0, g.size, 0),
-                  fields.integer(h, "tag", 0, 1 << 30, 0))
+        out = run(kind, g, data, dtype, h.get("algo", "auto"), h.get("redop", "sum"), int(h.get("root", 0)),
+                  int(h.get("peer", 0)), fields.integer(h, "tag", 0, 1 << 30, 0))
         return {"emu_ns": self.card.clock.now - start_emu, "wall_ns": time.perf_counter_ns() - t0,
                 "clock_ns": self.card.clock.now}, [out]
 
@@ -88,7 +85,7 @@ class CollectiveOps:
         """nccl-tests style: generated inputs, warm-up, one emulated run from clock 0, timed runs, #wrong."""
         g = self.group(h["group"])
         dtype, kind, count = wire.check_dtype(h.get("dtype")), h["kind"], fields.integer(h, "count", 0, 1 << 32)
-        algo, redop, root = h.get("algo", "auto"), h.get("redop", "sum"), fields.integer(h, "root", 0, g.size, 0)
+        algo, redop, root = h.get("algo", "auto"), h.get("redop", "sum"), int(h.get("root", 0))
         data = bench_input(kind, g.rank, g.size, count, dtype)
         for _ in range(fields.integer(h, "warmup", 0, 1 << 20, 2)):
             run(kind, g, data.copy(), dtype, algo, redop, root)

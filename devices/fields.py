@@ -41,15 +41,3 @@ def shape(h: dict, key: str = "shape") -> list[int]:
             raise FieldError(f"{key}[{i}] is {d!r}; a size must be an int >= 0")
     return v
 
-
-def cards(h: dict, key: str, num_cards: int) -> list[int]:
-    """A group of distinct cards, each in [0, num_cards)."""
-    v = h.get(key)
-    if not isinstance(v, list) or not v:
-        raise FieldError(f"{key} must be a non-empty list of cards, got {v!r:.80}")
-    for i, c in enumerate(v):
-        if type(c) is not int or not 0 <= c < num_cards:
-            raise FieldError(f"{key}[{i}] is {c!r}; this run has cards 0..{num_cards - 1}")
-    if len(set(v)) != len(v):
-        raise FieldError(f"{key} names a card twice: {v}")
-    return v

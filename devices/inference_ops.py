@@ -47,6 +47,7 @@ class InferenceOps:
             raise RuntimeError(f"card {self.card.card}: no program loaded")
         if len(frames) != 1:
             raise PlanError(f"a step carries one plan frame, got {len(frames)}")
+        self.card.faults.before_step()
         card = self.card
         layout = card.kv.layout
         plan = StepPlan.unpack(frames[0].buffer, num_blocks=layout.num_blocks, block_size=layout.block_size,

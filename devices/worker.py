@@ -28,6 +28,7 @@ from devices import fields
 from devices.arena import WeightArena
 from devices.collective_ops import CollectiveOps
 from devices.inference_ops import InferenceOps
+from devices.faults import CardFault, CardFaults
 from devices.kv_cache import KVCacheStore, KVLayout
 from devices.lifeline import watch_host
 from devices.memory import DeviceMemory
@@ -35,6 +36,7 @@ from devices.shm import SHM_DIR, segment_name
 from devices.spec import DeviceSpec, get_spec
 from interconnect import auth, wire
 from interconnect.fabric import Clock, Fabric, FabricError
+from interconnect.links import LinkDegradation
 from interconnect.window import Window
 
 log = logging.getLogger("rsd.card")
@@ -62,6 +64,8 @@ class Card:
             self.kv = KVCacheStore(self.run_name, self.card, self.memory, KVLayout(**self.arena.meta["kv"]),
                                    attach=True, backed=not self.phantom)
         self.stopping = threading.Event()
+        self.faults = CardFaults()
+        self.link_faults: dict[int, LinkDegradation] = {}  # destination card -> fault; read by the port clock
         self.handlers = {
             "status": self.op_status,
             "put": self.op_put,
@@ -73,6 +77,8 @@ class Card:
             "shutdown": self.op_shutdown,
             "debug_exit": self.op_debug_exit,
             "debug_sleep": self.op_debug_sleep,
+            "inject": self.op_inject,
+            "link_fault": self.op_link_fault,
             "abort": lambda h, frames: ({}, []),  # nothing runs: nothing to abort
         }
         self.collectives = CollectiveOps(self)
@@ -147,6 +153,22 @@ class Card:
 
     def op_debug_exit(self, h, frames):
         os._exit(int(h.get("code", 1)))
+
+    def op_inject(self, h, frames):
+        """Arm a kill or pause before a later step (``devices.faults``)."""
+        fault = CardFault(fields.text(h, "kind"), self.card, fields.integer(h, "at_step", 1, default=1),
+                          h.get("seconds", 0.0))
+        self.faults.arm(fault)
+        return {"fires_at_step": self.faults.steps + fault.at_step}, []
+
+    def op_link_fault(self, h, frames):
+        """Degrade this card's path to ``dst`` from an emulated time on (``LinkDegradation``)."""
+        dst = fields.integer(h, "dst", 0, max(len(self.fabric.peers), 1))
+        if dst == self.card:
+            raise fields.FieldError(f"dst is {dst}: a card has no link to itself")
+        self.link_faults[dst] = LinkDegradation(h.get("bw_factor", 1.0), h.get("added_latency_ns", 0),
+                                                h.get("from_ns", 0))
+        return {}, []
 
     def op_debug_sleep(self, h, frames):
         time.sleep(float(h.get("seconds", 1.0)))
@@ -236,6 +258,8 @@ class Card:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(control)
         while not self.stopping.wait(interval):
+            if self.faults.paused.is_set():  # an injected pause: silent, as a hung card is
+                continue
             try:  # never block: with the host gone a DEALER send would wait forever
                 sock.send(wire.pack({"op": "heartbeat", "card": self.card, "secret": secret,
                                      "state": self.state, "clock_ns": self.clock.now}), zmq.NOBLOCK)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Callable
 
+from interconnect.links import LinkDegradation
 from interconnect.topology import Topology
 
 REDUCE_SLICE = 512 << 10  # bytes; NCCL's default chunk for ring steps is of this order (NCCL_BUFFSIZE / steps)
@@ -40,8 +41,10 @@ def _cost(topology: Topology, src: int, dst: int, nbytes: int, flows: tuple) -> 
 
 
 class PortClock:
-    def __init__(self, topology: Topology, rank: int, reduce_ns: Callable[[int], int]):
+    def __init__(self, topology: Topology, rank: int, reduce_ns: Callable[[int], int],
+                 degraded: dict[int, LinkDegradation] | None = None):
         self.topology = topology
+        self.degraded = degraded if degraded is not None else {}  # destination card -> its path's fault
         self.rank = rank
         self.reduce_ns = reduce_ns
         self.tx_free = 0
@@ -55,6 +58,9 @@ class PortClock:
         """Stamp for a message leaving now; updates the send port."""
         occ, lat = _cost(self.topology, self.rank, dst, nbytes, flows)
         start = max(now, self.tx_free)
+        fault = self.degraded.get(dst)
+        if fault is not None:
+            occ, lat = fault.apply(start, occ, lat)
         self.tx_free = start + occ
         return {"start": start, "occ": occ, "lat": lat}
 

@@ -210,3 +210,35 @@ def transfer_ns(spec: LinkSpec, nbytes: int) -> int:
     Latency is not included: it belongs to the path (see topology).
     """
     return serialise_ns(nbytes, exact_gbps(spec.bandwidth_gbps))
+
+
+@dataclass(slots=True, frozen=True)
+class LinkDegradation:
+    """One direction of a card-to-card path running below its model from emulated time ``from_ns`` on.
+
+    A message that leaves at or after ``from_ns`` holds the port ``1 / bw_factor`` times as long
+    (the bandwidth it sees is scaled by ``bw_factor``, read at its decimal value as written) and
+    arrives ``added_latency_ns`` later: ``occ' = ceil(occ / bw_factor)``, ``lat' = lat + added``.
+    """
+    bw_factor: float = 1.0
+    added_latency_ns: int = 0
+    from_ns: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.bw_factor, bool) or not isinstance(self.bw_factor, (int, float)) \
+                or not 0 < self.bw_factor <= 1:
+            raise ValueError(f"link degradation: bw_factor must be in (0, 1], got {self.bw_factor!r}")
+        for f in ("added_latency_ns", "from_ns"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"link degradation: {f} must be an int >= 0, got {v!r}")
+
+    def apply(self, start: int, occ: int, lat: int) -> tuple[int, int]:
+        """(occupancy, latency) of a message leaving at ``start`` with the model's ``occ`` and ``lat``."""
+        if start < self.from_ns:
+            return occ, lat
+        f = exact_gbps(self.bw_factor)
+        return -(-occ * f.denominator // f.numerator), lat + self.added_latency_ns
+
+    def to_dict(self) -> dict:
+        return {"bw_factor": self.bw_factor, "added_latency_ns": self.added_latency_ns, "from_ns": self.from_ns}

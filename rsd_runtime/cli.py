@@ -19,7 +19,7 @@ import time
 from devices import shm
 from devices.memory import fmt_bytes
 from devices.spec import PRESETS
-from rsd_runtime.errors import CardDied, CardError, ClusterError
+from rsd_runtime.errors import CardDied, CardError, ClusterError, EngineDeadError
 
 log = logging.getLogger("rsd.cli")
 
@@ -145,6 +145,9 @@ def _generate_args(p):
     p.add_argument("--ignore-eos", action="store_true",
                    help="go on past the end-of-sequence token, up to --max-new-tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; none: the checkpoint's")
+    p.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="inject a fault (repeatable): kill:card=C:step=K, pause:card=C:step=K:seconds=T, "
+                        "link:src=A:dst=B:bw=F:lat_us=L:from_ns=T (bandwidth x F, latency + L from emulated T)")
     chk = p.add_mutually_exclusive_group()
     chk.add_argument("--check-weights", dest="check_weights", action="store_true", default=None,
                      help="read every tensor first and name the first holding NaN or Inf (default: only "
@@ -158,11 +161,13 @@ SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperatur
 
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
 def cmd_generate(args) -> int:
+    from devices.faults import FaultPlan
     from rsd_runtime.llm import LLM
     from rsd_runtime.phases import phase
 
     t0 = time.perf_counter()
     tp_from_devices(args)
+    faults = FaultPlan.parse(args.inject)
     params = sampling_params(args)
     prompts = args.prompt_ids or args.prompt or ["Hello"]
     check_tokenizer(args.model, args.phantom, prompts)
@@ -171,6 +176,9 @@ def cmd_generate(args) -> int:
              check_weights=args.check_weights) as llm:
         engine = llm.engine
         warn_capped(engine, prompts, params)
+        engine.cluster.apply_faults(faults)
+        for line in faults.describe():
+            print(f"rsd-launch: injected: {line}", file=sys.stderr)
         stream = None
         if not args.json and len(prompts) == 1 and not args.phantom:
             stream = start_stream(prompts[0], has_text=llm.tokenizer is not None)
@@ -493,7 +501,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rsd-launch: interrupted; cards shut down", file=sys.stderr)
         return 130
-    except (ClusterError, CardDied, CardError, ValueError, shm.SegmentError, MemoryError) as exc:
+    except (ClusterError, CardDied, CardError, ValueError, shm.SegmentError, MemoryError, EngineDeadError) as exc:
         print(f"rsd-launch: error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,11 +27,13 @@ import psutil
 import zmq
 
 from devices import shm
+from devices.faults import CardFault, FaultPlan
 from devices.kv_cache import KVLayout
 from devices.memory import fmt_bytes
 from devices.spec import DeviceSpec, get_spec
 from interconnect import wire
 from interconnect.auth import RunAuthenticator
+from interconnect.links import LinkDegradation
 from interconnect.topology import get_topology
 from rsd_runtime.control import ControlPlane
 from rsd_runtime.errors import CardDied, ClusterError
@@ -229,6 +231,28 @@ class Cluster:
     def kill(self, card: int, sig: int = signal.SIGKILL) -> None:
         os.kill(self.procs[card].pid, sig)
 
+    def inject(self, card: int, kind: str, *, at_step: int = 1, seconds: float = 0.0) -> int:
+        """Arm a fault on ``card``: "kill" (SIGKILL) or "pause" (``seconds``, heartbeats silent too)
+        before its ``at_step``-th step from now (1: the next). Returns the card's step number it fires at."""
+        fault = CardFault(kind, card, at_step, seconds)  # FaultError names a bad field here
+        return self.call(card, "inject", kind=fault.kind, at_step=fault.at_step, seconds=fault.seconds)[0][
+            "fires_at_step"]
+
+    def degrade_link(self, src: int, dst: int, degradation: LinkDegradation) -> None:
+        """Messages from ``src`` to ``dst`` leaving at or after ``degradation.from_ns`` (emulated) see
+        the link model scaled as ``LinkDegradation.apply`` says."""
+        if self.phantom:
+            raise ClusterError("link faults need cards that send their messages; phantom collectives simulate "
+                               "theirs in one place (interconnect.sim) and ignore per-card link faults")
+        self._check_card(dst)
+        self.call(src, "link_fault", dst=dst, **degradation.to_dict())
+
+    def apply_faults(self, plan: FaultPlan) -> None:
+        for f in plan.links:
+            self.degrade_link(f.src, f.dst, f.degradation)
+        for f in plan.cards:
+            self.inject(f.card, f.kind, at_step=f.at_step, seconds=f.seconds)
+
     def check(self) -> None:
         """Raise the first card death the host has seen, if any."""
         if self.control.dead:
@@ -237,6 +261,9 @@ class Cluster:
     def restart(self, card: int) -> dict:
         """Start card ``card`` again; it re-attaches to its weight arena. Returns its hello."""
         old = self.procs[card]
+        if old.poll() is None and card in self.control.dead:  # declared hung: it goes for good first
+            old.popen.kill()
+            old.popen.wait(10)
         if old.poll() is None:
             raise ClusterError(f"card {card} (pid {old.pid}) is still running; only a dead card restarts")
         self.control.forget(card)

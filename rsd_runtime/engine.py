@@ -34,6 +34,7 @@ from rsd_runtime.checkpoint import load_checkpoint
 from rsd_runtime.cluster import Cluster, start_with_bar
 from rsd_runtime.compiler import check_tp
 from rsd_runtime.deploy import deploy, load_programs
+from rsd_runtime.errors import EngineDeadError  # noqa: F401 (part of the engine's API)
 from rsd_runtime.outputs import RequestOutput, TokenLogprob
 from rsd_runtime.phases import phase
 from rsd_runtime.request import Request
@@ -44,10 +45,6 @@ from rsd_runtime.stopping import TextStop, token_stop
 from rsd_runtime.tokenizer import IncrementalDecoder, Tokenizer, tokenizer_file
 
 log = logging.getLogger("rsd.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """A step failed on the cards; the engine takes no work until ``recover()``."""
 
 
 def host_threads(num_cards: int) -> None:

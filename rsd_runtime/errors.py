@@ -14,6 +14,10 @@ class CardError(RuntimeError):
         super().__init__(f"card {card}: {op} failed: {message}")
 
 
+class EngineDeadError(RuntimeError):
+    """A step failed on the cards; the engine takes no work until ``recover()``."""
+
+
 class CardDied(ClusterError):
     """A card process ended (or stopped answering) while the cluster was up."""
 

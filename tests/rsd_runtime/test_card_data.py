@@ -116,11 +116,12 @@ def test_puts_with_bad_fields_are_refused_by_name(module_cluster, fields, names)
 
 
 @pytest.mark.parametrize("fields, names", [
-    ({"group": [0, 99]}, "group\\[1\\] is 99"),
-    ({"group": [0, 0]}, "names a card twice"),
-    ({"group": [1, 2]}, "does not include card 0"),
-    ({"group": [0, 1], "root": -1}, "root is -1"),
-    ({"group": [0, 1], "root": 2}, "root is 2"),
+    ({"group": [0, 99]}, "card 99 out of range for 4 cards"),
+    ({"group": [0, 0]}, "ranks must be distinct"),
+    ({"group": [1, 2]}, "card 0 is not in group"),
+    ({"group": [0, 1], "root": -1}, "root -1 is not a rank"),
+    ({"group": [0, 1], "root": 2}, "root 2 is not a rank"),
+    ({"group": [0, 1], "tag": -1}, "tag is -1"),
 ])
 def test_collectives_with_bad_indices_are_refused_by_name(module_cluster, fields, names):
     with pytest.raises(CardError, match=names):

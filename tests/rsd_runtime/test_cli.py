@@ -110,3 +110,14 @@ def test_generate_check_weights_names_the_tensor_holding_nan(shm_prefix, tmp_pat
     r = rsd_launch("generate", "--model", str(model), "--tp", "2", "--check-weights", prefix=shm_prefix)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "tensor model.norm.weight holds 1 non-finite values (first: nan at index [2])" in r.stderr
+
+
+def test_generate_inject_kills_a_card_at_a_step_and_names_it(shm_prefix):
+    r = rsd_launch("generate", "--tp", "2", "--max-new-tokens", "8", "--inject", "link:src=0:dst=1:bw=0.5:lat_us=2",
+                   "--inject", "kill:card=1:step=3", prefix=shm_prefix)
+    assert "injected: link 0->1: bandwidth x0.5, latency +2000 ns from emulated 0 ns" in r.stderr
+    assert "injected: kill card 1 before its step 3" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "card 1" in r.stderr and "SIGKILL" in r.stderr
+    r = rsd_launch("generate", "--tp", "2", "--inject", "kill:card=1:step=zero", prefix=shm_prefix)
+    assert r.returncode == 2 and "step='zero' is not an integer" in r.stderr

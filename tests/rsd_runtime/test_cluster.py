@@ -148,20 +148,21 @@ def test_host_kill9_leaves_no_orphans_segments_or_run_dir(host_process):
     assert wait_until(lambda: not run_dir.exists(), 5.0), f"{run_dir} outlived its host"
 
 
-def test_cards_started_from_a_thread_that_ends_stay(shm_prefix):
+def test_an_llm_made_in_a_thread_that_ends_keeps_its_cards(shm_prefix):
+    from rsd_runtime.llm import LLM
+    from rsd_runtime.sampling import SamplingParams
+
     made = {}
-    t = threading.Thread(target=lambda: made.setdefault("c", Cluster(num_devices=2, shm_prefix=shm_prefix).start()))
+    t = threading.Thread(target=lambda: made.setdefault("llm", LLM(tensor_parallel_size=2, shm_prefix=shm_prefix,
+                                                                   progress=False)))
     t.start()
     t.join()
-    cluster = made["c"]
-    try:
+    with made["llm"] as llm:
         time.sleep(0.5)  # a parent-death signal tied to the thread would have ended the cards by now
-        cluster.check()
-        assert [r["state"] for r in cluster.status()] == ["idle", "idle"]
-        cluster.put(1, "w", np.arange(4.0))
-        assert cluster.get(1, "w").tolist() == [0.0, 1.0, 2.0, 3.0]
-    finally:
-        cluster.shutdown()
+        llm.engine.cluster.check()
+        out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+        assert len(out.token_ids) == 3
+        assert [r["state"] for r in llm.engine.cluster.status()] == ["idle", "idle"]
 
 
 def test_sweep_removes_run_dirs_of_dead_hosts_only(shm_prefix, capsys):
