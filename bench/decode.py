@@ -17,6 +17,8 @@ import time
 import torch
 
 from bench.common import write_json
+from devices.spec import get_spec
+from rsd_runtime.cli import DefaultsFormatter
 from rsd_runtime.llm import LLM
 from rsd_runtime.sampling import SamplingParams
 from rsd_runtime.tiny_model import ensure_tiny_model
@@ -70,13 +72,14 @@ def reference(prompts: list[str], output_len: int, threads: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--batch", type=int, default=4, help="prompts generated together")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--device", default="atom-plus")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    get_spec(args.device)  # a bad --device fails now, not after the reference run
     prompts = (PROMPTS * args.batch)[:args.batch]
     cores = torch.get_num_threads()
     rows = [reference(prompts, args.output_len, 1)] + ([reference(prompts, args.output_len, cores)] if cores > 1 else [])

@@ -19,6 +19,7 @@ import time
 
 import psutil
 
+from rsd_runtime.cli import DefaultsFormatter
 from rsd_runtime.cluster import Cluster
 
 
@@ -39,7 +40,7 @@ def measure(n: int, prefix: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.launch", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--devices", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--repeats", type=int, default=3, help="timed runs per size (the median is reported)")
     p.add_argument("--shm-prefix", default="rsdbench")
