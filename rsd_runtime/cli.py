@@ -11,6 +11,7 @@ function adds its own options to its parser, and it names the groups of shared o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -444,12 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default where there is one to show: not for flags, nor for options that are off."""
+    """Shows every option's default where there is one to show, options without help text too; not
+    None, False, nor a default the help text already states."""
+
+    def _format_action(self, action):
+        if action.help is None and _shows(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "(default:" in (action.help or ""):
+        if not _shows(action) or "(default" in action.help:
             return action.help
         return super()._get_help_string(action)
+
+
+def _shows(action) -> bool:
+    return action.default not in (None, argparse.SUPPRESS) and action.default is not False
 
 
 def _shared_parser(group: str, prefix: str = "") -> argparse.ArgumentParser:
