@@ -1,6 +1,13 @@
 """Decode speed on the built-in tiny model: tp 1, 2, 4 beside transformers' generate, same run.
 
     python -m bench.decode [--tp 1 2 4] [--batch 4] [--output-len 64] [--json results/decode.json]
+    python -m bench.decode --phantom --model llama3-8b --tp 4 8 --batch 8
+
+``--phantom``: phantom card processes of a model preset; the wall time of a
+decode step (``tpot_s``, records keyed by ``tp``) is then all messaging and
+bookkeeping, since phantom cards do no math. The machine's load average is
+printed beside every figure: the cards share this machine's cores with
+whatever else runs.
 
 Wall clock: decode tokens/s = tokens after each request's first / (time from
 the first token to the last), summed over the batch; transformers' figure is
@@ -49,6 +56,35 @@ def ours(tp: int, prompts: list[str], output_len: int, device: str) -> dict:
             "emu_ttft_s": sum(x["emu_ttft_s"] for x in m) / len(m),
             "emu_tpot_s": sum(x["emu_tpot_s"] for x in m) / len(m),
             "token_ids": [o.token_ids for o in outs]}
+
+
+def phantom(model: str, tp: int, batch: int, output_len: int, device: str) -> dict:
+    """Wall time per decode step of ``batch`` requests on ``tp`` phantom card processes."""
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    prompts = [[1 + (7 * i + k) % 1000 for k in range(16)] for i in range(batch)]  # fixed token ids
+    with LLM(model, tensor_parallel_size=tp, device=device, phantom=True, progress=False) as llm:
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+        load = os.getloadavg()[0]
+        outs = llm.generate(prompts, params)
+    m = [o.metrics for o in outs]
+    return {"engine": f"rsd-runtime phantom tp={tp}", "tp": tp, "tpot_s": sum(x["tpot_s"] for x in m) / len(m),
+            "ttft_s": sum(x["ttft_s"] for x in m) / len(m), "emu_tpot_s": sum(x["emu_tpot_s"] for x in m) / len(m),
+            "loadavg_1m": load, "loadavg_1m_after": os.getloadavg()[0]}
+
+
+def main_phantom(args) -> int:
+    rows = [phantom(args.model, tp, args.batch, args.output_len, args.device) for tp in args.tp]
+    print(f"# {args.model} on phantom {args.device} cards, batch {args.batch}, {args.output_len} new tokens; "
+          f"{os.cpu_count()} cores")
+    print(f"{'engine':<28} {'TPOT ms':>9} {'TTFT ms':>9}   {'emu TPOT us':>11}   {'loadavg 1m':>10}")
+    print(f"{'':<28} {'---- wall clock ----':>19}   {'emulated':>11}")
+    for r in rows:
+        print(f"{r['engine']:<28} {r['tpot_s'] * 1e3:>9.2f} {r['ttft_s'] * 1e3:>9.2f}   "
+              f"{r['emu_tpot_s'] * 1e6:>11.2f}   {r['loadavg_1m']:>5.2f}-{r['loadavg_1m_after']:.2f}")
+    if args.json:
+        write_json(args.json, "decode_phantom", vars(args), rows)
+        print(f"# wrote {args.json}")
+    return 0
 
 
 def reference(prompts: list[str], output_len: int, threads: int) -> dict:
@@ -109,8 +145,15 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--device", default="atom-plus")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--phantom", action="store_true", help="phantom cards of --model: wall time of a decode step")
+    p.add_argument("--model", default=None, help="with --phantom: a model preset (default llama3-8b)")
     args = p.parse_args(argv)
     get_spec(args.device)  # a bad --device fails now, not after the reference run
+    if args.model is not None and not args.phantom:
+        p.error("--model needs --phantom (without it the built-in tiny model runs beside transformers)")
+    if args.phantom:
+        args.model = args.model or "llama3-8b"
+        return main_phantom(args)
     prompts = (PROMPTS * args.batch)[:args.batch]
     load_before = os.getloadavg()[0]
     cores = torch.get_num_threads()
