@@ -208,7 +208,7 @@ def cmd_serve(args) -> int:
 
 
 BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode",
-              "inference": "bench.inference"}
+              "inference": "bench.inference", "serve": "bench.serve"}
 
 
 def _bench_args(p):
@@ -216,7 +216,7 @@ def _bench_args(p):
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see: rsd-launch bench NAME --help)")
 
 
-@command("bench", "run a benchmark program (collectives, inference, decode, launch); options after its name go "
+@command("bench", "run a benchmark program (collectives, inference, decode, launch, serve); options after its name go "
                   "to it", _bench_args)
 def cmd_bench(args) -> int:
     import importlib
