@@ -1,0 +1,221 @@
+"""Serving benchmark: a live OpenAI-compatible server measured as vLLM's ``benchmark_serving`` does.
+
+    python -m bench.serve --launch --tp 2 --num-prompts 64 --request-rate inf --max-concurrency 16 \\
+        --input-len 32 --output-len 64 --compare-offline --json results/serve.json
+    python -m bench.serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 8 \\
+        --burstiness 0.5 --dataset prompts.jsonl --goodput ttft:50 tpot:20 --json results/serve.json
+
+Streaming clients (httpx, one connection each) send ``/v1/completions`` requests at Poisson or
+gamma arrival times (``bench.workload``), at most ``--max-concurrency`` at once, with
+``ignore_eos`` so that each generates exactly its output length. TTFT, ITL and end-to-end
+latency are read on the wall clock as chunks arrive; the emulated timings each response
+carries are summarised beside them (``bench.serve_metrics``). ``--compare-offline`` then runs
+``LLM.generate`` on the same prompts in this process and prints the ratio of output tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+
+import httpx
+
+from bench.serve_metrics import RequestResult, parse_goodput, print_table, summarize, summarize_emulated
+from bench.workload import PromptSpec, load_dataset, schedule, synthetic_prompts
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--base-url", help="the server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--launch", action="store_true", help="start a server (rsd-launch serve) for the run")
+    p.add_argument("--model", help="model directory: of the launched server, and of --compare-offline; "
+                                   "none: the built-in tiny model")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the launched server / offline run")
+    p.add_argument("--phantom", action="store_true", help="launch the server on phantom cards")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    p.add_argument("--input-len", type=int, default=32, help="synthetic prompt length (tokens)")
+    p.add_argument("--output-len", type=int, default=64, help="synthetic output length (tokens)")
+    p.add_argument("--dataset", help="JSONL file: {prompt, output_len[, arrival_s]} per line")
+    p.add_argument("--goodput", nargs="+", metavar="KEY:MS", help="objectives, e.g. ttft:50 tpot:10 e2el:500")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-offline", action="store_true",
+                   help="also run LLM.generate on the same prompts and print the tokens/s ratio")
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    args = p.parse_args(argv)
+    if args.num_prompts < 1:
+        p.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        p.error(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.tp < 1:
+        p.error(f"--tp must be >= 1, got {args.tp}")
+    return args
+
+
+# -- one request -------------------------------------------------------------------------------
+async def send(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec) -> RequestResult:
+    body = {"model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    res = RequestResult(ok=False, prompt_len=spec.prompt_len or 0)
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.perf_counter()
+                if '"finish_reason":null' in line:  # a token chunk: only its time matters, no parsing
+                    last = _token(res, start, last, now)
+                    continue
+                if line == "data: [DONE]":
+                    break
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    res.error = obj["error"].get("message", "error")
+                    return res
+                if obj.get("choices"):
+                    last = _token(res, start, last, now)
+                    res.emulated = obj["choices"][0].get("timings")
+                if obj.get("usage"):
+                    res.output_len = obj["usage"]["completion_tokens"]
+                    res.prompt_len = obj["usage"]["prompt_tokens"]
+        res.latency_s = (last or time.perf_counter()) - start
+        res.ok = last is not None
+        if not res.ok:
+            res.error = "the stream ended without a token"
+    except httpx.HTTPError as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+def _token(res: RequestResult, start: float, last: float | None, now: float) -> float:
+    if last is None:
+        res.ttft_s = now - start
+    else:
+        res.itl_s.append(now - last)
+    return now
+
+
+# -- the run -------------------------------------------------------------------------------------
+async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[float], max_concurrency: int | None,
+              progress: bool) -> tuple[list[RequestResult], float]:
+    from tqdm import tqdm
+
+    limit = max_concurrency or len(specs)
+    url = base_url + "/v1/completions"
+    sem = asyncio.Semaphore(limit)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(
+            max_connections=limit, max_keepalive_connections=limit)) as client:
+        warm = await send(client, url, model, PromptSpec(specs[0].prompt, 2))
+        if not warm.ok:
+            raise ValueError(f"the warm-up request failed: {warm.error}")
+        bar = tqdm(total=len(specs), desc="requests", unit="req", file=sys.stderr, disable=not progress)
+
+        async def one(spec, at):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            async with sem:
+                r = await send(client, url, model, spec)
+            bar.update(1)
+            return r
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(s, at) for s, at in zip(specs, times)))
+        duration = time.perf_counter() - t0
+        bar.close()
+    return list(results), duration
+
+
+def offline_tokens_per_s(args, specs: list[PromptSpec]) -> dict:
+    """LLM.generate on the same prompts in this process: output tokens per second, wall clock."""
+    from rsd_runtime.llm import LLM
+    from rsd_runtime.sampling import SamplingParams
+
+    with LLM(args.model, tensor_parallel_size=args.tp, phantom=args.phantom, progress=False,
+             shm_prefix="rsdbs" + str(os.getpid())) as llm:
+        llm.generate([specs[0].prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+        params = [SamplingParams(max_tokens=s.output_len, temperature=0, ignore_eos=True) for s in specs]
+        t0 = time.perf_counter()
+        outs = llm.generate([s.prompt for s in specs], params)
+        duration = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"duration": duration, "total_output_tokens": tokens, "output_throughput": tokens / duration}
+
+
+def model_info(base_url: str) -> dict:
+    r = httpx.get(base_url + "/v1/models", timeout=10)
+    r.raise_for_status()
+    return r.json()["data"][0]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    goodput = parse_goodput(args.goodput)
+    server = None
+    if args.launch:
+        from rsd_runtime.server.launch import ServerProcess
+
+        server = ServerProcess(model=args.model, tp=args.tp, phantom=args.phantom).start()
+    try:
+        base_url = (server.base_url if server else args.base_url).rstrip("/")
+        try:
+            info = model_info(base_url)
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{base_url}/v1/models did not name a model: {exc}") from None
+        if args.dataset:
+            specs = load_dataset(args.dataset, args.num_prompts)
+        else:
+            specs = synthetic_prompts(args.num_prompts, args.input_len, args.output_len, info["vocab_size"],
+                                      args.seed)
+        times = schedule(specs, args.request_rate, args.burstiness, args.seed)
+        load_before = os.getloadavg()
+        results, duration = asyncio.run(run(base_url, info["id"], specs, times, args.max_concurrency,
+                                            not args.disable_tqdm))
+    finally:
+        if server is not None:
+            server.stop()
+    summary = summarize(results, duration, goodput)
+    emulated = summarize_emulated(results)
+    print_table(summary, "Serving Benchmark Result", "wall", emulated)
+    failures = [r.error for r in results if not r.ok]
+    if failures:
+        print(f"first failure: {failures[0]}", file=sys.stderr)
+    doc = {"backend": "rsd-runtime", "base_url": base_url, "model_id": info["id"], "num_prompts": len(specs),
+           "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+           "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "seed": args.seed,
+           "goodput_objectives_ms": goodput, **summary, "clock": "wall", "emulated": emulated,
+           "loadavg": {"before": load_before, "after": os.getloadavg()}, "cpus": os.cpu_count()}
+    if args.compare_offline:
+        offline = offline_tokens_per_s(args, specs)
+        ratio = summary["output_throughput"] / offline["output_throughput"]
+        doc["offline"] = {**offline, "clock": "wall", "server_over_offline": ratio, "loadavg": os.getloadavg()}
+        print(f"output tokens/s, wall clock: server {summary['output_throughput']:.1f}, LLM.generate "
+              f"{offline['output_throughput']:.1f}, ratio {ratio:.3f}  (loadavg {_load()} on {os.cpu_count()} cpus)")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0 if not failures else 1
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    from bench.common import entry
+
+    entry(main, "python -m bench.serve")
