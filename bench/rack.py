@@ -250,14 +250,15 @@ def plot(path: str, runs: list[dict], args) -> None:
     ax.set(xlabel="cards", ylabel="output tokens/s", title="throughput against rack size")
     ax.legend(fontsize=8)
     ax = axes[1]
-    for k in ks:
+    for n, k in enumerate(ks):
+        color = f"C{n}"
         rs = sorted((r for r in runs if r["instances"] == k and math.isfinite(r["request_rate"])),
                     key=lambda r: r["request_rate"])
         if rs:
-            ax.plot([r["request_rate"] for r in rs], [r["mean_ttft_ms"] for r in rs], marker="o",
+            ax.plot([r["request_rate"] for r in rs], [r["mean_ttft_ms"] for r in rs], marker="o", color=color,
                     label=f"{k} inst. mean TTFT")
             ax.plot([r["request_rate"] for r in rs], [r["p99_ttft_ms"] for r in rs], marker="x", ls=":",
-                    label=f"{k} inst. p99 TTFT")
+                    color=color, label=f"{k} inst. p99 TTFT")
     ax.set(xlabel="request rate (req/s)", ylabel="TTFT (ms)", title="latency against load", yscale="log")
     if ax.lines:
         ax.legend(fontsize=7)

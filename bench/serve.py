@@ -24,6 +24,7 @@ import time
 
 import httpx
 
+from bench import rack
 from bench.serve_metrics import RequestResult, parse_goodput, print_table, summarize, summarize_emulated
 from bench.workload import PromptSpec, load_dataset, schedule, synthetic_prompts
 
@@ -34,12 +35,16 @@ def parse_args(argv):
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--base-url", help="the server, e.g. http://127.0.0.1:8000")
     target.add_argument("--launch", action="store_true", help="start a server (rsd-launch serve) for the run")
+    target.add_argument("--replay", action="store_true",
+                        help="no server: replay a rack of --instances in this process on the emulated clock "
+                             "(bench.rack)")
     p.add_argument("--model", help="model directory: of the launched server, and of --compare-offline; "
                                    "none: the built-in tiny model")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the launched server / offline run")
     p.add_argument("--phantom", action="store_true", help="launch the server on phantom cards")
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (inf: all at once)")
+    p.add_argument("--request-rate", default="inf",
+                   help="requests per second (inf: all at once); with --replay a list (4,16,inf) runs each")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     p.add_argument("--input-len", type=int, default=32, help="synthetic prompt length (tokens)")
@@ -51,7 +56,13 @@ def parse_args(argv):
                    help="also run LLM.generate on the same prompts and print the tokens/s ratio")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    rack.add_args(p)
     args = p.parse_args(argv)
+    if not args.replay:
+        try:
+            args.request_rate = float(args.request_rate)
+        except ValueError:
+            p.error(f"--request-rate takes one number (a list only with --replay), got {args.request_rate!r}")
     if args.num_prompts < 1:
         p.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -163,6 +174,8 @@ def model_info(base_url: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     goodput = parse_goodput(args.goodput)
+    if args.replay:
+        return rack.run(args, goodput)
     server = None
     if args.launch:
         from rsd_runtime.server.launch import ServerProcess

@@ -1,0 +1,72 @@
+"""bench.serve --replay: a rack replayed on the emulated clock, repeatable, and equal on every backend."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import serve
+
+SMALL = ["--replay", "--num-prompts", "10", "--request-rate", "40", "--input-len", "40", "--output-len", "6",
+         "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--seed", "3", "--disable-tqdm"]
+WALL_KEYS = {"wall_s", "config"}
+
+
+def replay(tmp_path, name: str, *extra) -> dict:
+    path = tmp_path / f"{name}.json"
+    assert serve.main([*SMALL, *extra, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def emulated(doc: dict) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in WALL_KEYS} for r in doc["runs"]]
+
+
+def test_replay_repeats_exactly_and_keeps_vllm_keys(tmp_path):
+    args = ("--phantom", "--model", "llama3-8b", "--tp", "2", "--instances", "1,2", "--routing", "round-robin")
+    a, b = replay(tmp_path, "a", *args), replay(tmp_path, "b", *args)
+    assert emulated(a) == emulated(b)
+    assert a["clock"] == "emulated" and len(a["runs"]) == 2
+    for key in ("completed", "output_throughput", "mean_ttft_ms", "p99_tpot_ms", "median_itl_ms", "mean_e2el_ms",
+                "request_throughput", "total_token_throughput"):
+        assert key in a, key
+    one, two = a["runs"]
+    assert one["completed"] == two["completed"] == 10 and one["failed"] == 0
+    assert two["served_per_instance"] == [5, 5]  # round-robin over two instances
+    assert one["total_output_tokens"] == 10 * 6
+
+
+def test_replay_on_card_processes_equals_the_in_process_instances(tmp_path):
+    args = ("--phantom", "--model", "llama3-8b", "--tp", "2", "--instances", "2")
+    sim = replay(tmp_path, "sim", *args)
+    cards = replay(tmp_path, "cards", *args, "--backend", "cards")
+    assert emulated(sim) == emulated(cards)
+
+
+def test_real_tiny_model_on_cards_gives_the_phantom_emulated_figures(tmp_path):
+    from rsd_runtime.tiny_model import ensure_tiny_model
+
+    model = str(ensure_tiny_model())
+    few = ("--num-prompts", "6", "--tp", "2", "--routing", "round-robin")
+    real = replay(tmp_path, "real", "--model", model, *few)
+    phantom = replay(tmp_path, "phantom", "--model", model, "--phantom", "--backend", "cards", *few)
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "model"} for r in runs]  # noqa: E731
+    assert strip(emulated(real)) == strip(emulated(phantom))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--routing", "fastest"], "unknown routing policy 'fastest'"),
+    (["--instances", "0"], "--instances must be >= 1"),
+    (["--request-rate", "4,x"], "--request-rate takes a comma-separated list"),
+])
+def test_bad_replay_options_are_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        serve.main([*SMALL, "--phantom", *args])
+
+
+def test_a_trace_with_a_negative_time_is_refused(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"prompt": [5, 6, 7], "output_len": 4, "arrival_s": 0.5}\n'
+                     '{"prompt": [5, 6], "output_len": 4, "arrival_s": -1}\n')
+    with pytest.raises(ValueError, match="trace.jsonl:2: field 'arrival_s'"):
+        serve.main([*SMALL, "--phantom", "--dataset", str(trace)])
