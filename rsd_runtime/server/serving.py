@@ -152,7 +152,7 @@ class Generation:
             c = {"index": choice.index, "delta": delta, "logprobs": self._chat_logprobs(out),
                  "finish_reason": finish}
         else:
-            c = {"index": choice.index, "text": text, "logprobs": self._completion_logprobs(out, choice),
+            c = {"index": choice.index, "text": text, "logprobs": self._completion_logprobs(out),
                  "finish_reason": finish}
         if finish is not None:
             c["timings"] = choice.timings
@@ -196,7 +196,7 @@ class Generation:
                              "top_logprobs": [{"token": tok(t), "logprob": v, "bytes": list(tok(t).encode())}
                                               for t, v in lp.top]} for lp in out.logprobs]}
 
-    def _completion_logprobs(self, out, choice: Choice | None = None):
+    def _completion_logprobs(self, out):
         if out.logprobs is None or self.num_logprobs is None:
             return None
         tok = self.server.token_text

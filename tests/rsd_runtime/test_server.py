@@ -125,7 +125,6 @@ def test_n_seed_and_logprobs(client):
     r = client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(len(t) == 3 for t in lp.top_logprobs)
-    assert "".join(lp.tokens) == r.choices[0].text or len(lp.tokens) == 4
     c = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
     content = c.choices[0].logprobs.content
