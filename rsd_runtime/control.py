@@ -105,6 +105,11 @@ class ControlPlane:
                     return missing
                 self.hello_event.wait(min(0.05, max(0.0, deadline - time.monotonic())))
 
+    @property
+    def num_malformed(self) -> int:
+        """Messages dropped as malformed, every reason together (a server exports it)."""
+        return sum(self.malformed.values())
+
     def forget(self, card: int) -> None:
         """Before a restart: the card's old hello and death are history."""
         with self._lock:
