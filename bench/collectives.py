@@ -23,6 +23,7 @@ from interconnect import wire
 from interconnect.collectives import ALGO_NAMES
 from interconnect.links import link_names
 from interconnect.topology import topology_names
+from rsd_runtime.cli import DefaultsFormatter
 from rsd_runtime.cluster import Cluster
 
 OPS = tuple(BUS_FACTOR)
@@ -30,12 +31,12 @@ OPS = tuple(BUS_FACTOR)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.collectives", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--devices", "-n", type=int, default=4, help="cards, all in one group")
     p.add_argument("--ops", nargs="+", choices=OPS, default=["all_reduce"])
     p.add_argument("--algos", nargs="+", choices=ALGO_NAMES, default=["ring", "tree", "one-shot", "auto"])
-    p.add_argument("--min-bytes", "-b", type=int, default=4096)
-    p.add_argument("--max-bytes", "-e", type=int, default=64 << 20)
+    p.add_argument("--min-bytes", "-b", type=int, default=4096, help="smallest message, bytes (nccl-tests -b)")
+    p.add_argument("--max-bytes", "-e", type=int, default=64 << 20, help="largest message, bytes (nccl-tests -e)")
     p.add_argument("--step-factor", "-f", type=int, default=4, help="size multiplier between rows")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int32", "int64"])
     p.add_argument("--redop", default="sum", choices=["sum", "max", "min"])
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--link", choices=link_names(), help="the cards' own link (default: the topology's)")
     p.add_argument("--topology", default="switch",
                    help=f"preset ({', '.join(topology_names())}) or a .toml file")
-    p.add_argument("--device", default="atom-plus", choices=list(PRESETS))
+    p.add_argument("--device", default="atom-plus", help=f"device preset ({', '.join(PRESETS)}) or a .toml card file")
     p.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
     p.add_argument("--phantom", action="store_true", help="emulated clock only: no bytes move")
     p.add_argument("--iters", type=int, default=20, help="timed calls per row (nccl-tests -n)")

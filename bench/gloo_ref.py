@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import BUS_FACTOR, sweep
+from rsd_runtime.cli import DefaultsFormatter
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 _REPO = Path(__file__).resolve().parent.parent
@@ -244,7 +245,7 @@ def _worker(spec_path: str, rank: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gloo_ref", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--world-size", type=int, default=4)

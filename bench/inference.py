@@ -30,12 +30,13 @@ from bench.common import entry, write_json
 from devices.memory import OutOfDeviceMemory
 from devices.spec import get_spec
 from interconnect.topology import topology_names
+from rsd_runtime.cli import DefaultsFormatter
 from rsd_runtime.perf import BatchTiming, PerfRunner, batch_timing
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--phantom", action="store_true",
                    help="accepted for clarity: the cards are always phantom (weights of these sizes do not fit "
                         "this host)")

@@ -1,6 +1,6 @@
 """Launch benchmark: wall time to bring N cards up and down, host memory per idle card.
 
-    python -m bench.launch [--devices 1 4 8 16] [--repeats 3] [--json results/launch.json]
+    python -m bench.launch [--devices 1 4 8 16] [--repeats 3] [--json PATH]
 
 Wall clock only: launching is host work, there is nothing to emulate. "up" is
 from the first spawn to the last card's hello; "down" is shutdown, including
@@ -11,14 +11,13 @@ more card really costs).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 
 import psutil
 
+from bench.common import write_json
+from rsd_runtime.cli import DefaultsFormatter
 from rsd_runtime.cluster import Cluster
 
 
@@ -39,11 +38,11 @@ def measure(n: int, prefix: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.launch", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--devices", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--repeats", type=int, default=3, help="timed runs per size (the median is reported)")
     p.add_argument("--shm-prefix", default="rsdbench")
-    p.add_argument("--json", default="results/launch.json", help="where to write the records")
+    p.add_argument("--json", metavar="PATH", help="also write the config and records here")
     args = p.parse_args(argv)
 
     measure(1, args.shm_prefix)  # warm-up: page cache, imports
@@ -65,10 +64,7 @@ def main(argv=None) -> int:
         print(f"{n:>5}  {rec['up_s']:>8.3f}  {rec['down_s']:>8.3f}  {rec['total_s']:>11.3f}  "
               f"{rec['rss_per_card_mib']:>14.1f}  {rec['uss_per_card_mib']:>14.1f}")
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "launch", "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                       "repeats": args.repeats, "records": records}, f, indent=2)
+        write_json(args.json, "launch", vars(args), records)
         print(f"wrote {args.json}")
     return 0
 

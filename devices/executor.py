@@ -51,6 +51,7 @@ class Executor:
         self.seqs, self.T = step.seqs, step.num_tokens
         self.rows = torch.tensor(step.logit_rows, dtype=torch.int64)
         self.cos, self.sin = rope.cos_sin(positions, self.freq, self.dtype)
+        self.decode = self._decode_plan(step, self.kv[0].shape[2])
         out = None
         for op in self.ops:
             ns = self.costs.time_ns(op, step)
@@ -90,6 +91,9 @@ class Executor:
         k = rope.apply(env[op["k"]].view(T, kvh, hd), self.cos, self.sin)
         v = env[op["v"]].view(T, kvh, hd)
         k_cache, v_cache = self.kv[0][op["layer"]], self.kv[1][op["layer"]]  # (blocks, bs, kvh, hd)
+        if self.decode is not None:
+            env[op["out"]] = self._decode_attention(q, k, v, k_cache, v_cache)
+            return
         bs = k_cache.shape[1]
         out = torch.empty(T, h * hd, dtype=q.dtype)
         for s in self.seqs:
@@ -112,6 +116,41 @@ class Executor:
             o = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1), keys, vals, attn_mask=allowed)
             out[row:row + n] = o.transpose(0, 1).reshape(n, h * hd)
         env[op["out"]] = out
+
+    def _decode_plan(self, step: StepPlan, bs: int):
+        """Index tensors shared by every layer of a decode step (one token per sequence), or None.
+
+        Each sequence's blocks are gathered into a (seqs, max blocks x block size) window padded
+        with block 0; the mask hides the padding and, with a sliding window, what fell out of it.
+        """
+        if not step.seqs or any(s.num_tokens != 1 for s in step.seqs):
+            return None
+        pos = torch.tensor([s.start for s in step.seqs], dtype=torch.int64)  # (S,)
+        nb = max(-(-(s.start + 1) // bs) for s in step.seqs)
+        tables = torch.tensor([s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in step.seqs],
+                              dtype=torch.int64)  # (S, nb)
+        kpos = torch.arange(nb * bs)
+        allowed = kpos[None, :] <= pos[:, None]
+        if self.window:
+            allowed &= (pos[:, None] - kpos[None, :]) < self.window
+        rows = torch.arange(len(step.seqs))
+        return pos, tables, tables[rows, pos // bs], pos % bs, allowed[:, None, None, :]
+
+    def _decode_attention(self, q, k, v, k_cache, v_cache):
+        """All sequences of a decode step in one batched attention (q, k, v: (S, heads, hd))."""
+        S, h, kvh, hd = q.shape[0], self.h, self.kvh, self.hd
+        pos, tables, blk, slot, mask = self.decode
+        k_cache[blk, slot] = k
+        v_cache[blk, slot] = v
+        bs = k_cache.shape[1]
+        ctx = tables.shape[1] * bs
+        keys = k_cache[tables].reshape(S, ctx, kvh, hd).transpose(1, 2)  # (S, kvh, ctx, hd)
+        vals = v_cache[tables].reshape(S, ctx, kvh, hd).transpose(1, 2)
+        if h != kvh:
+            keys = keys.repeat_interleave(h // kvh, dim=1)
+            vals = vals.repeat_interleave(h // kvh, dim=1)
+        o = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=mask)  # (S, h, 1, hd)
+        return o.reshape(S, h * hd)
 
     # -- collectives ---------------------------------------------------------------------
     def _numpy(self, t: torch.Tensor) -> np.ndarray:

@@ -138,6 +138,8 @@ def _int(v, name: str, lo: int) -> int:
 
 
 _ATTENTION = {"op": "attention"}
+# The ops StepCosts.of prices (each pays the device's fixed op overhead); the others only move data.
+COMPUTE_OPS = frozenset({"embed", "rmsnorm", "linear", "add", "silu_mul", "attention"})
 
 
 class StepCosts:

@@ -177,14 +177,16 @@ class Card:
     # -- loop -------------------------------------------------------------------
     def serve(self, ctx: zmq.Context, control: str, secret: str, heartbeat_s: float, fabric_bind: str) -> None:
         authenticator = auth.RunAuthenticator(ctx, secret)
-        window = None
+        window = inbox_name = None
         if fabric_bind.startswith("ipc://"):  # cards on one host: large payloads through shared memory
             name = segment_name(self.run_name, self.card, "fabric")
             (SHM_DIR / name).unlink(missing_ok=True)  # a window is transient: a restarted card makes a new one
             window = Window(name, FABRIC_WINDOW_BYTES)
+            inbox_name = lambda c: segment_name(self.run_name, c, "inbox")  # noqa: E731 (small messages)
         self.fabric = Fabric(ctx, self.card, secret, self.clock, bind=fabric_bind, window=window,
                              peer_window_name=lambda c: segment_name(self.run_name, c, "fabric"),
-                             phantom=self.phantom, abort_check=self._abort_check, slowdown=self.slowdown)
+                             phantom=self.phantom, abort_check=self._abort_check, slowdown=self.slowdown,
+                             inbox_name=inbox_name)
         self.authenticator = authenticator
         sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
         sock.setsockopt(zmq.IDENTITY, f"card{self.card}".encode())

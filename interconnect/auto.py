@@ -12,14 +12,22 @@ gathered / scattered buffer), the rule estimates, in emulated time:
 | broadcast      | (n-1) alpha + S/beta (pipelined chain) | ceil(log2 n)(alpha + S/beta) | alpha + (n-1) S/beta|
 | reduce         | (n-1) alpha + S/beta (pipelined chain) | ceil(log2 n)(alpha + S/beta) | alpha + (n-1) S/beta|
 
-and takes the cheapest, ties going to ring, then tree. Every rank computes
-the same choice from the same inputs, so the group always agrees.
+and takes the cheapest, ties going to ring, then tree. Where the topology
+offers rings better than the default for all_reduce, all_gather and
+reduce_scatter (``ring_search.search`` finds a set of
+channels with a lower cost), ``ring:search`` competes too, priced by the ring
+formulas with S/beta replaced by S times the searched rings' cost per byte
+(their slowest card's, max-min shares over every channel's edges included);
+it wins only when strictly cheaper. Every rank computes the same choice from
+the same inputs, so the group always agrees.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
 
+from interconnect import ring_search
+from interconnect.ring import DEFAULT
 from interconnect.topology import Topology
 
 ALGOS = ("ring", "tree", "one-shot")
@@ -53,4 +61,10 @@ def _choose(op: str, nbytes: int, cards: tuple, topology: Topology) -> str:
     alpha = max(topology.latency_ns(a, b) for a, b in pairs)  # ns
     beta = min(topology.bottleneck_gbps(a, b) for a, b in pairs)  # GB/s = bytes/ns
     costs = _costs(op, n, nbytes, alpha, beta)
-    return min(ALGOS, key=lambda a: (costs[a], ALGOS.index(a)))
+    best = min(ALGOS, key=lambda a: (costs[a], ALGOS.index(a)))
+    rings = ring_search.search(topology, cards) if op in ("all_reduce", "all_gather", "reduce_scatter") else DEFAULT
+    if rings != DEFAULT:
+        searched = _costs(op, n, nbytes, alpha, 1 / ring_search.cost(topology, cards, rings))["ring"]
+        if searched < costs[best]:
+            return "ring:search"
+    return best

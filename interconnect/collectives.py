@@ -3,30 +3,41 @@
 Tensors are flat numpy arrays in wire storage dtype (bfloat16 as uint16),
 named by a dtype string. Every call is synchronous: on return the result is
 in place and every buffer may be reused (the fabric's sends are settled).
-``algo`` is ``"ring"``, ``"tree"``, ``"one-shot"`` or ``"auto"``
-(``interconnect.auto``).
+``algo`` is ``"ring"``, ``"tree"``, ``"one-shot"``, ``"dbtree"`` (all_reduce
+only), ``"auto"`` (``interconnect.auto``), or ``"ring:SPEC"`` for rings that are
+given, default or searched (``interconnect.ring_search``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from interconnect import auto, oneshot, ring, sim, tree
+from interconnect import auto, dbtree, oneshot, ring, ring_search, sim, tree
 from interconnect import reduce as red
 from interconnect.group import ProcessGroup, split
 from interconnect.reduce import ReduceOp
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
-ALGORITHMS = {"ring": ring, "tree": tree, "one-shot": oneshot}
+ALGORITHMS = {"ring": ring, "tree": tree, "one-shot": oneshot, "dbtree": dbtree}
 ALGO_NAMES = (*ALGORITHMS, "auto")
+
+
+def check_algo(algo: str) -> None:
+    """Raise ValueError naming the problem unless ``algo`` names an algorithm."""
+    if not isinstance(algo, str) or algo not in ALGO_NAMES and not algo.startswith(ring_search.PREFIX):
+        raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGO_NAMES)}, "
+                         f"ring:default, ring:search, ring:ORDER|ORDER...")
+    ring_search.check_name(algo)
 
 
 def _algo(g: ProcessGroup, op: str, nbytes: int, algo: str):
     if algo == "auto":
         algo = auto.choose(op, nbytes, g.ranks, g.fabric.ports.topology)
-    try:
-        return ALGORITHMS[algo]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGO_NAMES)}") from None
+    check_algo(algo)
+    if algo.startswith(ring_search.PREFIX):
+        return ring_search.algorithm(algo, g.ranks, g.fabric.ports.topology)
+    if not hasattr(ALGORITHMS[algo], op):
+        raise ValueError(f"algorithm {algo!r} has no {op}")
+    return ALGORITHMS[algo]
 
 
 def _emulated(kind: str, group: ProcessGroup, count: int, dtype: str, algo: str, redop="sum",
@@ -39,8 +50,7 @@ def _emulated(kind: str, group: ProcessGroup, count: int, dtype: str, algo: str,
     fabric = group.fabric
     if not getattr(fabric, "emulate_only", False):
         return False
-    if algo not in ALGO_NAMES:
-        raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGO_NAMES)}")
+    check_algo(algo)
     ports, clock = fabric.ports, fabric.clock
     seq = group.begin()
     states = group.exchange(seq, [clock.now, ports.tx_free, ports.rx_free])

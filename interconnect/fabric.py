@@ -40,6 +40,7 @@ import zmq
 
 from interconnect import auth, wire
 from interconnect.emulation import PortClock
+from interconnect.ringpath import RingPath
 from interconnect.window import PeerWindows, Window, WindowFull
 
 log = logging.getLogger("rsd.fabric")
@@ -110,7 +111,8 @@ class Fabric:
     def __init__(self, ctx: zmq.Context, rank: int, secret: str, clock: Clock, *, bind: str,
                  window: Window | None = None, peer_window_name: Callable[[int], str] | None = None,
                  phantom: bool = False, copy_threshold: int = 64 << 10, recv_timeout: float = 120.0,
-                 abort_check: Callable[[], None] | None = None, spin_s: float = SPIN_S, slowdown: float = 0.0):
+                 abort_check: Callable[[], None] | None = None, spin_s: float = SPIN_S, slowdown: float = 0.0,
+                 inbox_name: Callable[[int], str] | None = None):
         self.spin_s = spin_s
         self.slowdown = slowdown  # > 0: real-time shaping, wall time = emulated transit x slowdown
         self.ctx, self.rank, self.secret, self.clock = ctx, rank, secret, clock
@@ -142,6 +144,8 @@ class Fabric:
         self.stale = 0  # messages of an epoch before the current one, dropped
         self.epoch = 0
         self.bytes_sent = 0
+        # cards on one host: every message through shared-memory rings (interconnect.ringpath)
+        self.rings = RingPath(self, inbox_name) if inbox_name is not None else None
 
     def configure(self, peers: dict[int, str], port_clock: PortClock) -> None:
         """Set the peers' endpoints and the link model; a peer whose endpoint changed is reconnected."""
@@ -152,6 +156,8 @@ class Fabric:
                 del self._push[card]
         self.peers = peers
         self.ports = port_clock
+        if self.rings is not None:
+            self.rings.configure(peers)
         if self.peer_windows is not None:
             self.peer_windows.forget()
 
@@ -193,21 +199,22 @@ class Fabric:
                 **self.ports.depart(self.clock.now, dst, int(nbytes), flows)}
         if self.slowdown:
             head["sent"] = [self.clock.now, time.time()]
-        sock = self._sock(dst)
+        ring = self.rings is not None and self.rings.active
+        sock = None if ring else self._sock(dst)
         self.bytes_sent += int(nbytes)
         if payload is None or self.phantom or not payload.nbytes:
-            sock.send(wire.pack(head))
+            self._emit(dst, head)
             return SendHandle()
         payload = np.ascontiguousarray(payload)
         if payload.nbytes < self.copy_threshold:
-            sock.send_multipart([wire.pack(head), memoryview(payload).cast("B")], copy=True)
+            self._emit(dst, head, memoryview(payload).cast("B"))
             return SendHandle()
         if self.window is not None:
-            return self._send_window(sock, head, payload)
+            return self._send_window(dst, head, payload)
         sock.send(wire.pack(head), zmq.SNDMORE)
         return SendHandle(tracker=sock.send(memoryview(payload).cast("B"), copy=False, track=True))
 
-    def _send_window(self, sock, head: dict, payload: np.ndarray) -> SendHandle:
+    def _send_window(self, dst: int, head: dict, payload: np.ndarray) -> SendHandle:
         offset = self.window.offset_of(payload)
         staged = offset is None
         if staged:
@@ -215,7 +222,7 @@ class Fabric:
             self.window.bytes[offset:offset + payload.nbytes] = payload.view(np.uint8).reshape(-1)
         token = next(self._tokens)
         self._unacked[token] = offset if staged else None
-        sock.send(wire.pack({**head, "shm": [offset, token]}))
+        self._emit(dst, {**head, "shm": [offset, token]})
         # a staged payload was copied: the caller's buffer is free at once
         return SendHandle() if staged else SendHandle(self, token=token)
 
@@ -235,7 +242,16 @@ class Fabric:
     def post(self, dst: int, tag: tuple, meta: list[int]) -> None:
         """Send a few ints that the emulated hardware would not send (bookkeeping of the emulation
         itself): no stamp, no port time, no emulated cost. ``take`` receives them."""
-        self._sock(dst).send(wire.pack({"op": "meta", "src": self.rank, "tag": list(tag), "meta": list(meta)}))
+        self._emit(dst, {"op": "meta", "src": self.rank, "tag": list(tag), "meta": list(meta)})
+
+    def _emit(self, dst: int, head: dict, payload: memoryview | None = None) -> None:
+        """Send a header (and a small payload, copied) to ``dst``: through its ring on this host, else ZeroMQ."""
+        if self.rings is not None and self.rings.active:
+            self.rings.send(dst, wire.pack(head), payload)
+        elif payload is None:
+            self._sock(dst).send(wire.pack(head))
+        else:
+            self._sock(dst).send_multipart([wire.pack(head), payload], copy=True)
 
     def take(self, src: int, tag: tuple) -> list[int]:
         return self._match(src, tuple(tag)).meta
@@ -268,7 +284,7 @@ class Fabric:
     def done(self, msg: Message) -> None:
         """The receiver no longer needs the payload: a window region goes back to its sender."""
         if msg.shm is not None:
-            self._sock(msg.src).send(wire.pack({"op": "ack", "src": self.rank, "token": msg.shm[1]}))
+            self._emit(msg.src, {"op": "ack", "src": self.rank, "token": msg.shm[1]})
         msg.data = msg.frame = None
 
     def _match(self, src: int, tag: tuple) -> Message:
@@ -280,13 +296,18 @@ class Fabric:
                 if not early:
                     del self._early[key]
                 return msg
-            self._pump(f"a message from card {src} (tag {list(tag)})")
+            self._pump(f"a message from card {src} (tag {list(tag)})", src)
 
-    def _pump(self, waiting_for: str) -> None:
+    def _pump(self, waiting_for: str, src: int | None = None) -> None:
         """Wait for one fabric message and file it (data into the table, acks into the ledger)."""
+        if self.rings is not None and self.rings.active:
+            self.rings.pump(waiting_for, src)
+            return
         if not self._spin():
             self._block(waiting_for)
-        frames = self._pull.recv_multipart(copy=False)
+        self._file_checked(self._pull.recv_multipart(copy=False))
+
+    def _file_checked(self, frames) -> None:
         try:
             self._file(frames)
         except Exception as exc:  # no message may break the collective that is waiting
@@ -330,7 +351,8 @@ class Fabric:
         return h
 
     def _file(self, frames) -> None:
-        h = self._checked(wire.unpack(frames[0].buffer))
+        """File one message: ZeroMQ frames, or (header, payload) bytes read from a ring."""
+        h = self._checked(wire.unpack(frames[0] if isinstance(frames[0], bytes) else frames[0].buffer))
         if h["op"] == "ack":
             offset = self._unacked.pop(int(h["token"]))
             if offset is not None:
@@ -357,7 +379,7 @@ class Fabric:
             msg.sent = (int(h["sent"][0]), float(h["sent"][1]))
         if len(frames) == 2:
             msg.frame = frames[1]
-            msg.data = np.frombuffer(frames[1].buffer, np.uint8)
+            msg.data = np.frombuffer(frames[1] if isinstance(frames[1], bytes) else frames[1].buffer, np.uint8)
         elif "shm" in h and not self.phantom:
             offset, token = int(h["shm"][0]), int(h["shm"][1])
             msg.shm = (offset, token)
@@ -368,6 +390,8 @@ class Fabric:
         self._early.setdefault((msg.src, msg.tag), deque()).append(msg)
 
     def close(self) -> None:
+        if self.rings is not None:
+            self.rings.close()
         for sock in self._push.values():
             sock.close(linger=2000)
         self._pull.close(linger=0)

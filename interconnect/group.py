@@ -29,6 +29,15 @@ class ProcessGroup:
         self.gid = zlib.crc32(np.asarray(ranks, np.int64).tobytes())
         self.seq = 0
         self.phantom = fabric.phantom
+        self._flows: dict = {}
+
+    def all_pairs(self) -> tuple:
+        """Every ordered (src, dst) card pair of the group: the flows of a one-shot call."""
+        got = self._flows.get("all")
+        if got is None:
+            got = self._flows["all"] = self.flows((a, b) for a in range(self.size)
+                                                  for b in range(self.size) if a != b)
+        return got
 
     def begin(self) -> int:
         self.seq += 1

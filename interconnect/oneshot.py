@@ -15,7 +15,7 @@ from interconnect.reduce import ReduceOp
 
 
 def _all_pairs(g: ProcessGroup) -> tuple:
-    return g.flows((a, b) for a in range(g.size) for b in range(g.size) if a != b)
+    return g.all_pairs()
 
 
 def _reduce_in_order(g: ProcessGroup, mine: np.ndarray, acc: np.ndarray, tag_of, op: ReduceOp,
@@ -41,13 +41,10 @@ def all_reduce(g: ProcessGroup, buf: np.ndarray, op: ReduceOp, dtype: str, seq: 
     for r in range(g.size):
         if r != g.rank:
             pending.add(r, g.send(r, g.tag(seq, 0, g.rank), buf, flows))
-    acc = g.empty(buf.size, buf.dtype)
-    try:
-        _reduce_in_order(g, buf, acc, lambda r: g.tag(seq, 0, r), op, dtype)
-        pending.settle_all()
-        buf[...] = acc
-    finally:
-        g.release(acc)
+    acc = np.empty_like(buf)  # never sent: no need for a registered buffer
+    _reduce_in_order(g, buf, acc, lambda r: g.tag(seq, 0, r), op, dtype)
+    pending.settle_all()
+    buf[...] = acc
 
 
 def all_gather(g: ProcessGroup, out: np.ndarray, dtype: str, seq: int) -> None:

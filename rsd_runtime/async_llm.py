@@ -85,6 +85,21 @@ class AsyncLLM:
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Deltas of one request; raises ValueError at once if the request is invalid,
         ``Overloaded`` if the waiting queue is full, ``EngineError`` if the cards fail under it."""
+        stream = self.add_request(prompt, params, request_id, arrival_time=arrival_time)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id=None, *,
+                    arrival_time: float | None = None) -> "RequestStream":
+        """Queue a request now (from a running event loop) and return its stream of deltas.
+
+        Raises at once, before anything is queued: ValueError or TypeError if the request is
+        invalid, ``Overloaded`` if the waiting queue is full, ``EngineStopped`` / ``EngineError``
+        if the engine cannot take work. Close the stream (or read it to the end) when done:
+        closing it early aborts the request."""
         params = params or SamplingParams()
         self.check_ready()
         self.engine.validate(prompt, params)
@@ -95,17 +110,11 @@ class AsyncLLM:
         self._queued += 1
         self._inbox.put(("add", rid, prompt, params, stream, arrival_time or time.perf_counter()))
         self._wake.set()
-        try:
-            while True:
-                out = await stream.queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                yield out
-                if out.finished:
-                    return
-        finally:
-            if not stream.finished:
-                self.abort(rid)
+        return RequestStream(self, rid, stream)
+
+    def num_inbox(self) -> int:
+        """Commands sent to the engine thread that it has not taken yet."""
+        return self._inbox.qsize()
 
     def abort(self, request_id) -> None:
         self._inbox.put(("abort", request_id))
@@ -119,15 +128,21 @@ class AsyncLLM:
 
     def health(self) -> dict:
         """Whether the engine can serve: its thread runs, no step failed unrecovered, every card is alive."""
-        cluster = self.engine.cluster
-        dead = {c: str(e).splitlines()[0] for c, e in cluster.control.dead.items() if c in self.engine.cards}
+        engine, cluster = self.engine, self.engine.cluster
+        # the control thread adds dead cards and the engine thread restarts them while we read: copy first
+        control = getattr(cluster, "control", None)
+        dead_now = dict(control.dead) if control is not None else {}
+        procs = dict(cluster.procs) if cluster is not None else {}
+        dead = {c: str(e).splitlines()[0] for c, e in dead_now.items() if c in engine.cards}
         alive = self._thread.is_alive() and not self._stop.is_set()
-        ok = alive and self.engine.dead is None and not dead
-        return {"ok": ok, "engine_thread": alive, "engine_error": None if self.engine.dead is None
-                else str(self.engine.dead).splitlines()[0], "dead_cards": dead,
-                "malformed": cluster.malformed(),
-                "cards": [{"card": c, "pid": cluster.procs[c].pid if c in cluster.procs else None,
-                           "alive": c not in dead} for c in self.engine.cards]}
+        engine_dead = engine.dead
+        ok = alive and engine_dead is None and not dead
+        return {"ok": ok, "engine_thread": alive, "engine_error": None if engine_dead is None
+                else str(engine_dead).splitlines()[0], "dead_cards": dead,
+                "cards_restarted": engine.stats.cards_restarted, "recoveries": engine.stats.recoveries,
+                "malformed": cluster.malformed() if cluster is not None else {},
+                "cards": [{"card": c, "pid": procs[c].pid if c in procs else None,
+                           "alive": c not in dead} for c in engine.cards]}
 
     def recover(self) -> None:
         """Ask the engine thread to restart dead cards and resynchronise (it does this itself with
@@ -248,6 +263,34 @@ class AsyncLLM:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:
             pass
+
+
+class RequestStream:
+    """One request's deltas as an async iterator; ``close()`` before the end aborts the request."""
+
+    __slots__ = ("llm", "request_id", "_stream", "done")
+
+    def __init__(self, llm: AsyncLLM, request_id, stream: _Stream):
+        self.llm, self.request_id, self._stream, self.done = llm, request_id, stream, False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        out = await self._stream.queue.get()
+        if isinstance(out, BaseException):
+            self.done = True
+            raise out
+        if out.finished:
+            self.done = True
+        return out
+
+    def close(self) -> None:
+        if not self.done and not self._stream.finished:
+            self.llm.abort(self.request_id)
+        self.done = True
 
 
 def _put_all(items) -> None:

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from rsd_runtime.model_config import ModelConfig, UnsupportedModel
+from rsd_runtime.tokenizer import tokenizer_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -125,8 +126,7 @@ def load_checkpoint(path: str | Path, *, progress: bool = True, check_weights: b
         if name in found and found[name].file.name != file:
             raise CheckpointError(f"{path}: {INDEX_FILE} puts {name} in {file}, but it is in {found[name].file.name}")
     entries = _check(path, config, found, files)
-    tokenizer = path / "tokenizer.json"
-    ckpt = Checkpoint(path, config, entries, tokenizer if tokenizer.is_file() else None)
+    ckpt = Checkpoint(path, config, entries, tokenizer_file(path))
     if check_weights or (check_weights is None and ckpt.num_bytes() <= CHECK_ON_LOAD_BYTES):
         ckpt.check_weights(progress)
     return ckpt

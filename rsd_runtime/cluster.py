@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -175,7 +176,10 @@ class Cluster:
         self._expected_exit.update(self.procs)
         alive = [c for c, p in self.procs.items() if p.poll() is None]
         if self.control is not None:
-            futs = [self.control.submit(c, "shutdown") for c in alive if c not in self.control.dead]
+            told = [c for c in alive if c not in self.control.dead and c in self.control.hello]
+            for c in set(alive) - set(told):  # still starting (no hello yet): it cannot hear a shutdown
+                self.procs[c].popen.terminate()
+            futs = [self.control.submit(c, "shutdown") for c in told]
             for f in futs:
                 try:
                     f.result(timeout)
@@ -380,6 +384,15 @@ class Cluster:
         replies = [f.result(timeout) for f in [self.control.submit(c, "collective_bench", fields) for c in group]]
         return {"emu_ns": max(h["emu_ns"] for h, _ in replies), "wall_ns": max(h["wall_ns"] for h, _ in replies),
                 "wrong": None if self.phantom else sum(h["wrong"] for h, _ in replies)}
+
+
+def start_with_bar(cluster: Cluster, progress: bool = True) -> Cluster:
+    """``cluster.start()`` with a progress bar of the cards saying hello (on stderr, when a terminal)."""
+    from tqdm import tqdm
+
+    with tqdm(total=cluster.num_devices, desc="starting cards", unit="card", file=sys.stderr,
+              disable=not (progress and sys.stderr.isatty()), leave=False) as bar:
+        return cluster.start(progress=bar.update)
 
 
 def _spec_or_error(name: str) -> DeviceSpec:

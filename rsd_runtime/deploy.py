@@ -5,24 +5,32 @@ runner (several instances of phantom cards).
 """
 from __future__ import annotations
 
+import logging
+
 from devices.kv_cache import KVLayout
 from rsd_runtime.compiler import CardProgram, compile_model, kv_heads_of
 from rsd_runtime.loader import load_weights, place_phantom
 from devices.memory import OutOfDeviceMemory, fmt_bytes
 from interconnect import wire
 from rsd_runtime.model_config import ModelConfig
+from rsd_runtime.phases import phase
+
+log = logging.getLogger("rsd.deploy")
 
 
 def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, dtype: str, weight_dtype: str,
            num_kv_blocks: int, block_size: int, progress: bool = False) -> list[CardProgram]:
-    programs = compile_model(cfg, tp, cards)
+    with phase(log, f"compile for tp={tp}"):
+        programs = compile_model(cfg, tp, cards)
     check_fits(cfg, tp, cluster.spec, weight_dtype, dtype, num_kv_blocks, block_size, cards[0])
-    if ckpt is not None:
-        load_weights(cluster, ckpt, programs, progress=progress)
-    else:
-        place_phantom(cluster, cfg, programs, weight_dtype)
-    load_programs(cluster, programs, cfg, dtype=dtype, weight_dtype=weight_dtype, num_kv_blocks=num_kv_blocks,
-                  block_size=block_size)
+    with phase(log, "place the weight shards" if ckpt is not None else "place phantom shards (no bytes)"):
+        if ckpt is not None:
+            load_weights(cluster, ckpt, programs, progress=progress)
+        else:
+            place_phantom(cluster, cfg, programs, weight_dtype)
+    with phase(log, "install command streams and KV caches"):
+        load_programs(cluster, programs, cfg, dtype=dtype, weight_dtype=weight_dtype, num_kv_blocks=num_kv_blocks,
+                      block_size=block_size)
     return programs
 
 

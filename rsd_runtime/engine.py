@@ -21,27 +21,37 @@ request in flight with an error output and refuses new work until
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
+import torch
 
 from devices.step import SeqSlice, StepPlan
 from rsd_runtime.block_manager import BlockManager
 from rsd_runtime.card_runner import CardRunner, StepFailed
 from rsd_runtime.checkpoint import load_checkpoint
-from rsd_runtime.cluster import Cluster
+from rsd_runtime.cluster import Cluster, start_with_bar
 from rsd_runtime.compiler import check_tp
 from rsd_runtime.deploy import deploy, load_programs
 from rsd_runtime.errors import EngineDeadError  # noqa: F401 (part of the engine's API)
 from rsd_runtime.outputs import RequestOutput, TokenLogprob
+from rsd_runtime.phases import phase
 from rsd_runtime.request import Request
 from rsd_runtime.sampling import Sampler, SamplingParams, make_generator, token_logprobs
 from rsd_runtime.scheduler import Batch, Scheduler, ScheduledSeq
 from rsd_runtime.sequence import Sequence
 from rsd_runtime.stopping import TextStop, token_stop
-from rsd_runtime.tokenizer import IncrementalDecoder, Tokenizer
+from rsd_runtime.tokenizer import IncrementalDecoder, Tokenizer, tokenizer_file
 
 log = logging.getLogger("rsd.engine")
+
+
+def host_threads(num_cards: int) -> None:
+    """Leave a core to every card process: the host's torch ops (sampling) get the cores that remain,
+    at least one. A second intra-op thread that spins while the cards want the core costs the host
+    milliseconds per step on a machine with fewer cores than processes."""
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - num_cards)))
 
 
 class LLMEngine:
@@ -55,7 +65,9 @@ class LLMEngine:
         (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
         preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology."""
         # bad checkpoints and impossible splits fail before any card starts
-        self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress, check_weights)
+        self.timings: dict[str, float] = {}  # wall seconds of the start-up phases: read_s, start_s, load_s
+        with phase(log, f"read model {model}", self.timings, "read_s"):
+            self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress, check_weights)
         self.model = model
         self.cfg = cfg
         check_tp(cfg, tp)
@@ -83,15 +95,19 @@ class LLMEngine:
         if topology is not None:
             cluster_kwargs["topology"] = topology
         self.owns_cluster = cluster is None
-        self.cluster = cluster or Cluster(num_devices=tp, device=device, phantom=phantom, **cluster_kwargs).start()
+        with phase(log, f"start {tp} cards", self.timings, "start_s"):
+            self.cluster = cluster or start_with_bar(
+                Cluster(num_devices=tp, device=device, phantom=phantom, **cluster_kwargs), progress)
         try:
-            self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
-                                   weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
-                                   block_size=block_size, progress=progress)
+            with phase(log, "load the model onto the cards", self.timings, "load_s"):
+                self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
+                                       weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
+                                       block_size=block_size, progress=progress)
         except BaseException:
             self.close()
             raise
         self.runner = CardRunner(self.cluster, self.cards, vocab_size=cfg.vocab_size)
+        host_threads(self.cluster.num_devices)
         self._init_host()
 
     def _start_sim(self, device, topology, cluster_kwargs) -> None:
@@ -146,6 +162,11 @@ class LLMEngine:
                                     f"cache in {kv_utilization:.0%} of {fmt_bytes(spec.memory_bytes)}; "
                                     f"use a larger tp")
         return blocks
+
+    @property
+    def max_len(self) -> int:
+        """The most tokens a request may hold, prompt and output: the context, or the whole KV cache."""
+        return min(self.max_model_len, self.scheduler.max_len)
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt, params: SamplingParams | None) -> list[int]:
@@ -273,7 +294,7 @@ class LLMEngine:
                 lps[i] = TokenLogprob(tokens[i], lp, top)
         self.scheduler.postprocess(batch, {r.seq.seq_id: t for r, t in zip(reqs, tokens)})
         now = time.perf_counter()
-        max_len = min(self.max_model_len, self.scheduler.max_len)
+        max_len = self.max_len
         outs = []
         for req, token, lp in zip(reqs, tokens, lps):
             req.add_token(token, lp, now, self.emu_now)
@@ -370,9 +391,7 @@ def resolve_model(model: str, phantom: bool, progress: bool = True, check_weight
         if not (path / "config.json").is_file():
             raise ValueError(f"{model!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) "
                              f"nor a directory with a config.json")
-        tok = path / "tokenizer.json"
-        return None, ModelConfig.from_hf(json.loads((path / "config.json").read_text())), (
-            tok if tok.is_file() else None)
+        return None, ModelConfig.from_hf(json.loads((path / "config.json").read_text())), tokenizer_file(path)
     if model in MODEL_PRESETS:
         raise ValueError(f"{model!r} is a shape preset without weights: run it with phantom cards (--phantom)")
     ckpt = load_checkpoint(model, progress=progress, check_weights=check_weights)

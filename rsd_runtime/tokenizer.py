@@ -16,6 +16,12 @@ import tokenizers
 _INCOMPLETE = "\ufffd"
 
 
+def tokenizer_file(model_dir: str | Path) -> Path | None:
+    """The model directory's tokenizer.json, or None when it has none."""
+    path = Path(model_dir) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
 class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, bos_id: int | None = None, eos_id: int | None = None):
         self.tok = tok

@@ -107,7 +107,7 @@ def draw_png(topo: Topology, path: str) -> None:
 
 
 @command("topo", "print a topology's card-to-card matrix (labels as nvidia-smi topo -m) and bottleneck "
-                 "bandwidth; --png draws the graph", _topo_args)
+                 "bandwidth; --png draws the graph", _topo_args, shared=("devices", "json"))
 def cmd_topo(args) -> int:
     topo = topology_from_args(args)
     if args.json:

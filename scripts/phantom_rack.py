@@ -16,6 +16,7 @@ import time
 import psutil
 
 from devices.memory import fmt_bytes
+from rsd_runtime.cli import DefaultsFormatter
 from rsd_runtime.perf import PerfRunner
 
 
@@ -35,7 +36,8 @@ def sample(stop: threading.Event, peak: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.phantom_rack", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m scripts.phantom_rack", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--cards", type=int, default=64)
     p.add_argument("--tp", type=int, default=4)
     p.add_argument("--model", default="llama3-8b")
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     watcher = threading.Thread(target=sample, args=(stop, peak), daemon=True)
     watcher.start()
     t0 = time.perf_counter()
-    with PerfRunner(args.model, tp=args.tp, instances=args.cards // args.tp, device=args.device) as runner:
+    with PerfRunner(args.model, tp=args.tp, instances=args.cards // args.tp, device=args.device,
+                    backend="cards") as runner:  # card processes: what the rack costs this host
         t_up = time.perf_counter()
         emu = runner.step([(1, args.context)] * args.batch)
         t_step = time.perf_counter()

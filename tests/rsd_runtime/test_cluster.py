@@ -33,7 +33,7 @@ def test_launch_and_shutdown(n, shm_prefix):
             assert r["memory_used"] == 0
             assert r["memory_capacity"] == get_spec("atom-plus").memory_bytes == 16 * 2**30
             assert r["host_rss"] > 0 and r["clock_ns"] == 0
-        assert len(run_leftovers(shm_prefix)) == 3 * n  # weights, manifest, fabric window per card
+        assert len(run_leftovers(shm_prefix)) == 4 * n  # weights, manifest, fabric window, inbox per card
     assert not any(_alive(p) for p in pids)
 
 
@@ -215,7 +215,7 @@ def host_process(shm_prefix, tmp_path):
         def run_segments():
             return [n for n in run_leftovers(shm_prefix) if n.startswith(f"{shm_prefix}_{proc.pid}_")]
 
-        assert len(run_segments()) == 6
+        assert len(run_segments()) == 8  # weights, manifest, fabric window, inbox per card
         return proc, pids, run_segments
 
     yield start

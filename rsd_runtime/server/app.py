@@ -1,0 +1,182 @@
+"""The OpenAI-compatible HTTP server of one instance: thin routes over ``AsyncLLM``.
+
+    llm = AsyncLLM(model_dir, tensor_parallel_size=2)
+    app = build_app(llm, "tiny-llama")        # then: uvicorn.run(app)
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or Server-Sent Events
+ending ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (200 only while the engine
+thread runs and every card is alive; 503 otherwise, with the card states either way),
+``GET /metrics`` (Prometheus text). The engine runs in AsyncLLM's thread; a route converts
+the request, queues it and relays the deltas. Every error is an OpenAI-style body
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from rsd_runtime.async_llm import AsyncLLM, EngineError, EngineStopped
+from rsd_runtime.server.chat import ChatTemplate
+from rsd_runtime.server.metrics import ServerMetrics
+from rsd_runtime.server.protocol import APIError, ChatRequest, CompletionRequest, validation_error
+from rsd_runtime.server.serving import Generation, error_event
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Server:
+    """What the routes share: the engine client, the model's name and limits, the metrics."""
+
+    def __init__(self, llm: AsyncLLM, model_name: str, model_dir: str | None = None):
+        self.llm = llm
+        self.model_name = model_name
+        engine = llm.engine
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.cfg.vocab_size
+        self.max_len = min(engine.max_model_len, engine.scheduler.max_len)
+        self.chat = ChatTemplate.from_model_dir(model_dir, self.tokenizer) if (
+            model_dir and self.tokenizer is not None) else (
+            ChatTemplate(self.tokenizer) if self.tokenizer is not None else None)
+        self.metrics = ServerMetrics(llm, model_name)
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False) \
+                if self.tokenizer is not None else f"<{token_id}>"
+        return text
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"model: the model {name!r} does not exist; this server serves "
+                                f"{self.model_name!r}", "model", "not_found_error")
+
+    def encode(self, prompt, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, f"{param}: this model has no tokenizer; give token ids", param)
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+
+def build_app(llm: AsyncLLM, model_name: str, model_dir: str | None = None) -> FastAPI:
+    server = Server(llm, model_name, model_dir)
+    app = FastAPI(title="rsd-runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        report = llm.health()
+        return JSONResponse(report, status_code=200 if report["ok"] else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": server.created, "owned_by": "rsd-runtime",
+            "root": model_dir, "max_model_len": server.max_len, "vocab_size": server.vocab_size}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
+        server.check_model(body.model)
+        prompts = [server.encode(p, "prompt") for p in body.prompts()]
+        return await _run(request, Generation(server, body, prompts, chat=False))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _parse(request, ChatRequest)
+        server.check_model(body.model)
+        if server.chat is None:
+            raise APIError(400, "messages: this model has no tokenizer, so it cannot chat; use /v1/completions "
+                                "with token ids", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = server.chat.encode(messages, body.add_generation_prompt)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        return await _run(request, Generation(server, body, [ids], chat=True))
+
+    return app
+
+
+async def _parse(request: Request, model):
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+async def _run(request: Request, gen: Generation):
+    gen.start()
+    if gen.body.stream:
+        return StreamingResponse(_stream(gen), media_type="text/event-stream", headers=SSE_HEADERS)
+    collect = asyncio.ensure_future(_collect(gen))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():  # the client left (or the server stops): stop its requests, free their blocks
+            collect.cancel()
+            gen.close()
+    if not collect.done() or collect.cancelled():
+        return Response(status_code=499)  # nobody reads it
+    return collect.result()
+
+
+async def _collect(gen: Generation):
+    outs: dict[int, list] = {}
+    try:
+        async for choice, out in gen.deltas():
+            outs.setdefault(choice.index, []).append(out)
+    except (EngineError, EngineStopped) as exc:
+        err = APIError(500, f"the request failed: {exc}", None, "server_error")
+        return JSONResponse(err.body(), status_code=500)
+    finally:
+        gen.close()
+    return JSONResponse(gen.response(outs))
+
+
+async def _stream(gen: Generation):
+    include_usage = gen.body.stream_options is not None and gen.body.stream_options.include_usage
+    try:
+        async for choice, out in gen.deltas():
+            yield gen.chunk(choice, out)
+        if include_usage:
+            yield gen.usage_chunk()
+    except (EngineError, EngineStopped) as exc:
+        yield error_event(APIError(500, f"the request failed: {exc}", None, "server_error"))
+    finally:  # also when the client disconnects: the stream is cancelled here
+        gen.close()
+    yield "data: [DONE]\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def default_model_name(model: str | None) -> str:
+    return Path(model).name if model else "tiny-llama"

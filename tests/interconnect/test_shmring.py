@@ -1,0 +1,154 @@
+"""Shared-memory rings between real processes: whole records, in order, dead peers noticed, nothing left."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import stat
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from devices.shm import segment_name
+from interconnect.emulation import PortClock
+from interconnect.fabric import Clock, Fabric, FabricError
+from interconnect.segment import SHM_DIR
+from interconnect.shmring import Inbox, Outbox, RingError
+from interconnect.topology import get_topology
+from rsd_runtime import Cluster
+
+SPAWN = mp.get_context("spawn")
+NUM_RECORDS = 1500
+
+
+def _record(slot: int, i: int) -> tuple[bytes, bytes]:
+    """Record i of a sender: sizes from 0 to ~3 KB, so 8 KiB rings wrap and fill often."""
+    size = (i * 37 + slot * 11) % 3001
+    return f"{slot}:{i}".encode(), bytes((i + k) % 251 for k in range(size % 64)) * (size // 64 + 1)
+
+
+def _send_records(name: str, slot: int) -> None:
+    box = Outbox(name, slot)
+    for i in range(NUM_RECORDS):
+        header, payload = _record(slot, i)
+        while not box.try_send(header, payload):
+            time.sleep(0)
+    box.close()
+
+
+def _run_name(prefix: str) -> str:
+    return f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+
+
+def test_records_arrive_whole_and_in_order_from_several_senders(shm_prefix):
+    name = segment_name(_run_name(shm_prefix), 0, "inbox")
+    inbox = Inbox(name, num_slots=3, ring_bytes=8192)
+    try:
+        assert stat.S_IMODE(os.stat(SHM_DIR / name).st_mode) == 0o600
+        senders = [SPAWN.Process(target=_send_records, args=(name, slot)) for slot in (1, 2)]
+        for p in senders:
+            p.start()
+        got = {1: 0, 2: 0}
+        deadline = time.monotonic() + 60
+        while sum(got.values()) < 2 * NUM_RECORDS and time.monotonic() < deadline:
+            seen = inbox.doorbell()
+            inbox.sleeping(True)
+            ready = inbox.ready()
+            if not ready.size:
+                inbox.sleep(seen, 0.05)
+            inbox.sleeping(False)
+            for slot in ready:
+                while (rec := inbox.take(int(slot))) is not None:
+                    assert rec == _record(int(slot), got[int(slot)])  # whole, and the next one in order
+                    got[int(slot)] += 1
+        assert got == {1: NUM_RECORDS, 2: NUM_RECORDS}
+        assert inbox.take(1) is None and inbox.take(2) is None
+        for p in senders:
+            p.join(10)
+            assert p.exitcode == 0
+    finally:
+        inbox.close()
+    assert not (SHM_DIR / name).exists()
+
+
+def test_bad_slots_and_oversized_records_are_refused(shm_prefix):
+    name = segment_name(_run_name(shm_prefix), 0, "inbox")
+    inbox = Inbox(name, num_slots=2, ring_bytes=4096)
+    try:
+        with pytest.raises(RingError, match="slot 2 is outside"):
+            Outbox(name, 2)
+        box = Outbox(name, 1)
+        with pytest.raises(RingError, match="does not fit"):
+            box.try_send(b"h", bytes(4000))
+        box.close()
+    finally:
+        inbox.close()
+    with pytest.raises(Exception, match="does not exist"):
+        Outbox(name, 1)
+
+
+def _fabric(ctx, run: str, rank: int, run_dir: str) -> Fabric:
+    fabric = Fabric(ctx, rank, "s3cret", Clock(), bind=f"ipc://{run_dir}/f{rank}",
+                    inbox_name=lambda c: segment_name(run, c, "inbox"), recv_timeout=30)
+    topo = get_topology("switch", 2)
+    fabric.configure({0: f"ipc://{run_dir}/f0", 1: f"ipc://{run_dir}/f1"}, PortClock(topo, rank, lambda n: 0))
+    return fabric
+
+
+def _peer(run: str, run_dir: str, ready) -> None:
+    """Card 1: send one message to card 0, then hang until killed."""
+    ctx = zmq.Context()
+    fabric = _fabric(ctx, run, 1, run_dir)
+    ready.wait(10)
+    fabric.send(0, (0, 7), np.arange(4, dtype=np.int32))
+    time.sleep(60)
+
+
+def test_a_card_waiting_on_a_killed_peer_gets_a_clear_error_within_two_seconds(shm_prefix):
+    run = _run_name(shm_prefix)
+    ctx = zmq.Context()
+    with tempfile.TemporaryDirectory(prefix="rsd-ring-") as run_dir:
+        fabric = _fabric(ctx, run, 0, run_dir)
+        ready = SPAWN.Event()
+        peer = SPAWN.Process(target=_peer, args=(run, run_dir, ready))
+        peer.start()
+        try:
+            ready.set()
+            msg = fabric.recv(1, (0, 7))
+            assert fabric.rings.active and msg.array("int32").tolist() == [0, 1, 2, 3]
+            fabric.done(msg)
+            os.kill(peer.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(FabricError, match=rf"card 1 \(pid {peer.pid}\) died while this card waited"):
+                fabric.recv(1, (0, 8))
+            assert time.monotonic() - t0 < 2.0
+        finally:
+            peer.kill()
+            peer.join(10)
+            fabric.close()
+            ctx.destroy(linger=0)
+            for c in (0, 1):
+                (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
+    assert not list(SHM_DIR.glob(f"{run}_*"))
+
+
+@pytest.mark.parametrize("phantom", [False, True])
+def test_cards_talk_through_rings_and_leave_nothing(shm_prefix, phantom):
+    with Cluster(num_devices=3, shm_prefix=shm_prefix, phantom=phantom) as c:
+        inboxes = sorted(p.name for p in SHM_DIR.glob(f"{c.run_name}_*_inbox"))
+        assert len(inboxes) == 3
+        assert all(stat.S_IMODE(os.stat(SHM_DIR / n).st_mode) == 0o600 for n in inboxes)
+        inputs = [np.arange(10, dtype=np.float32) * (r + 1) for r in range(3)]
+        for algo in ("one-shot", "ring", "tree"):
+            res = c.collective("all_reduce", inputs, algo=algo)
+            if not phantom:
+                assert all(np.array_equal(o, np.arange(10, dtype=np.float32) * 6) for o in res["outputs"])
+        big = [np.full(1 << 18, r, np.float32) for r in range(3)]  # past the copy threshold: the window
+        res = c.collective("all_gather", big, algo="ring")
+        if not phantom:
+            assert all(np.array_equal(o, np.concatenate(big)) for o in res["outputs"])
+    assert not list(SHM_DIR.glob(f"{c.run_name}_*"))
