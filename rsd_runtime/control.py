@@ -60,7 +60,6 @@ class ControlPlane:
         self.hello_event = threading.Condition(self._lock)
         self.last_seen: dict[int, float] = {}
         self.dead: dict[int, CardDied] = {}
-        self.num_malformed = 0  # messages dropped because they did not parse (exported by the server)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rsd-control", daemon=True)
         self._thread.start()
