@@ -13,7 +13,8 @@ its KV blocks are freed at the next step.
 
 If a step fails (a dead or hung card), every request in flight ends with an
 ``EngineError``; with ``restart_cards=True`` the engine then restarts the dead
-cards and takes work again (``LLMEngine.recover``), otherwise it refuses new
+cards and takes work again (``LLMEngine.recover``; requests that arrive
+meanwhile wait for it), otherwise it refuses new
 requests until ``recover()`` is called.
 """
 from __future__ import annotations
@@ -169,16 +170,17 @@ class AsyncLLM:
         engine = self.engine
         try:
             while not self._stop.is_set():
-                self._drain_inbox()
                 if engine.dead is None and self._card_died():
                     engine.dead = next(iter(engine.cluster.control.dead.values()))
                 if engine.dead is not None:
                     self._deliver(engine.fail_all(f"the cards failed: {str(engine.dead).splitlines()[0]}"))
-                    if self.restart_cards:
-                        self._recover()
-                    else:
-                        self._wait()
+                    # requests that came in meanwhile wait in the inbox for the recovery, unless it fails
+                    if self.restart_cards and self._recover():
+                        continue
+                    self._drain_inbox()
+                    self._wait()
                     continue
+                self._drain_inbox()
                 if not engine.has_unfinished():
                     self._wait()
                     continue
@@ -203,13 +205,14 @@ class AsyncLLM:
         dead = self.engine.cluster.control.dead
         return bool(dead) and any(c in dead for c in self.engine.cards)
 
-    def _recover(self) -> None:
+    def _recover(self) -> bool:
         try:
             self.engine.recover()
             log.warning("recovered: cards restarted and back in step")
+            return True
         except Exception as exc:
             log.error("recovery failed: %s", exc)
-            self._wait()
+            return False
 
     def _drain_inbox(self) -> None:
         engine = self.engine

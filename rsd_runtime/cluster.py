@@ -302,7 +302,7 @@ class Cluster:
     def malformed(self, rows: list[dict] | None = None) -> dict:
         """Messages dropped as malformed: by the host's control plane (per reason) and by the cards'
         fabric (from ``rows``, a ``status()``, if given)."""
-        out = {"control": sum(self.control.malformed.values()), "control_reasons": dict(self.control.malformed)}
+        out = {"control": self.control.num_malformed, "control_reasons": dict(self.control.malformed)}
         if rows is not None:
             out["fabric"] = sum(r.get("fabric_malformed") or 0 for r in rows)
         return out

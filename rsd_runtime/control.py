@@ -60,7 +60,6 @@ class ControlPlane:
         self.hello_event = threading.Condition(self._lock)
         self.last_seen: dict[int, float] = {}
         self.dead: dict[int, CardDied] = {}
-        self.num_malformed = 0  # messages dropped because they did not parse (exported by the server)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rsd-control", daemon=True)
         self._thread.start()
@@ -105,6 +104,11 @@ class ControlPlane:
                 if not missing or any(c in self.dead for c in cards) or time.monotonic() >= deadline:
                     return missing
                 self.hello_event.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    @property
+    def num_malformed(self) -> int:
+        """Messages dropped as malformed, every reason together (a server exports it)."""
+        return sum(self.malformed.values())
 
     def forget(self, card: int) -> None:
         """Before a restart: the card's old hello and death are history."""

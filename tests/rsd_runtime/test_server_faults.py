@@ -105,3 +105,4 @@ def test_restart_cards_recovers_and_gives_the_same_tokens():
         assert body["cards_restarted"] == 1
         metrics = httpx.get(srv.base_url + "/metrics").text
         assert 'rsd:card_restarts_total{model_name="tiny-llama"} 1.0' in metrics
+        assert 'rsd:control_malformed_messages_total{model_name="tiny-llama"} 0.0' in metrics
