@@ -58,7 +58,9 @@ PRESETS: dict[str, DeviceSpec] = {
             "float32": 8 * TERA,  # assumed 1/4 of FP16: no FP32 figure is published
             "int8": 128 * TERA,
         },
-        memory_bytes=16 * GiB,  # 16 GB GDDR6, treated as 16 GiB as DESIGN.md does
+        # the brief's "16 GB" is a memory capacity, whose G is 2**30 (JEDEC JESD100B.01, "giga" as a
+        # prefix to units of semiconductor storage capacity): 16 GiB, as `rsd-launch status` prints it
+        memory_bytes=16 * GiB,
         memory_bw=256 * GIGA,
         sram_bytes=64 * (1 << 20),
         tdp_watts=75.0,

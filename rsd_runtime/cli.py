@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 
@@ -162,11 +163,12 @@ SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperatur
 
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
 def cmd_generate(args) -> int:
+    import psutil
+
     from devices.faults import FaultPlan
     from rsd_runtime.llm import LLM
     from rsd_runtime.phases import phase
 
-    t0 = time.perf_counter()
     tp_from_devices(args)
     faults = FaultPlan.parse(args.inject)
     params = sampling_params(args)
@@ -183,24 +185,24 @@ def cmd_generate(args) -> int:
         stream = None
         if not args.json and len(prompts) == 1 and not args.phantom:
             stream = start_stream(prompts[0], has_text=llm.tokenizer is not None)
-        times = dict(engine.timings)
+        times = {}
         with phase(log, f"generate {len(prompts)} prompt(s)", times, "generate_s"):
             outs = llm.generate(prompts, params, on_token=stream)
+            if stream is not None:
+                print(flush=True)  # the streamed line ends
         spec = engine.cluster.spec.name
-    times["total_s"] = time.perf_counter() - t0
+    times.update(engine.timings, total_s=time.time() - psutil.Process().create_time())  # imports included
     if args.json:
         print(json.dumps([{**o.to_dict(), "model": args.model or "tiny-llama (built in)", "tp": args.tp,
                            "device": spec, "phantom": args.phantom} for o in outs], indent=2))
         return 0
     for o in outs:
-        if stream is not None:
-            print(flush=True)
-        else:
+        if stream is None:
             print_output(o, phantom=args.phantom, label=len(outs) > 1)
         print_summary(o, f"{args.tp} x {spec}", label=len(outs) > 1)
     print(f"-- wall: read model {times['read_s']:.2f} s, start {args.tp} cards {times['start_s']:.2f} s, "
-          f"load {times['load_s']:.2f} s, generate {times['generate_s']:.2f} s; total {times['total_s']:.2f} s",
-          file=sys.stderr)
+          f"load {times['load_s']:.2f} s, generate {times['generate_s']:.2f} s, shut down "
+          f"{times['shutdown_s']:.2f} s; total {times['total_s']:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -270,8 +272,10 @@ def print_output(o, phantom: bool, label: bool) -> None:
     print(f"{tag}prompt: {prompt}")
     if phantom:
         shown = f"{len(o.token_ids)} placeholder tokens (phantom cards do no math; the timings are real)"
-    elif o.text is not None:
+    elif o.text:
         shown = printable(o.text, escape_newlines=True)
+    elif o.text is not None:  # tokens that decode to no text yet (part of a character)
+        shown = f"no text; ids {o.token_ids}"
     else:
         shown = f"ids {o.token_ids}"
     print(f"{tag}output: {shown}", flush=True)
@@ -513,6 +517,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rsd-launch: interrupted; cards shut down", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (rsd-launch topo | head): stop quietly, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ClusterError, CardDied, CardError, ValueError, shm.SegmentError, MemoryError, EngineDeadError) as exc:
         print(f"rsd-launch: error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, d
             load_weights(cluster, ckpt, programs, progress=progress)
         else:
             place_phantom(cluster, cfg, programs, weight_dtype)
-    with phase(log, "install command streams and KV caches"):
+    with phase(log, "install command streams and KV caches" + (" (each card imports torch)" if ckpt else "")):
         load_programs(cluster, programs, cfg, dtype=dtype, weight_dtype=weight_dtype, num_kv_blocks=num_kv_blocks,
                       block_size=block_size)
     return programs

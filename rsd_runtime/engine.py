@@ -65,7 +65,7 @@ class LLMEngine:
         (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
         preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology."""
         # bad checkpoints and impossible splits fail before any card starts
-        self.timings: dict[str, float] = {}  # wall seconds of the start-up phases: read_s, start_s, load_s
+        self.timings: dict[str, float] = {}  # wall seconds of the phases: read_s, start_s, load_s, shutdown_s
         with phase(log, f"read model {model}", self.timings, "read_s"):
             self.ckpt, cfg, tokenizer_path = resolve_model(model, phantom, progress, check_weights)
         self.model = model
@@ -361,7 +361,9 @@ class LLMEngine:
 
     def close(self) -> None:
         if self.owns_cluster and self.cluster is not None:
-            self.cluster.shutdown()
+            with phase(log, f"shut down {self.cluster.num_devices} cards", self.timings, "shutdown_s"):
+                self.cluster.shutdown()
+            self.owns_cluster = False  # closed once
 
 
 class EngineStats:

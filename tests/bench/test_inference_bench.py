@@ -64,3 +64,18 @@ def test_ctrl_c_is_one_line_and_exit_130():
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+
+
+def test_batch_sweep_stops_where_the_kv_cache_is_full_and_says_so(tmp_path, capsys):
+    import re
+
+    out, png = tmp_path / "sweep.json", tmp_path / "batch.png"
+    assert inference.main(["--model", "llama3-8b", "--tp", "4", "--input-len", "2048", "--output-len", "256",
+                           "--sweep-batch", "--no-scaling", "--json", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    kv_tokens = int(re.search(r"KV cache: (\d+) tokens per instance", text).group(1))
+    fit = int(re.search(r"at most (\d+) sequences of 2304 tokens per instance: the sweep stops there", text).group(1))
+    assert fit == kv_tokens // 2304  # whole 16-token blocks: 2304 is a multiple of 16
+    batches = [r["batch"] for r in json.loads(out.read_text())["records"]]
+    assert batches[:3] == [1, 2, 4] and batches[-1] == fit
+    assert png.stat().st_size > 10_000  # TPS and TPOT against batch

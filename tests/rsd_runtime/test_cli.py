@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,7 +132,7 @@ PROMPT = "The weather today is"
 def test_stop_string_is_not_streamed(shm_prefix):
     from rsd_runtime.cli import printable
 
-    first = rsd_launch("generate", "--tp", "2", "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos",
+    first = rsd_launch("generate", "--tp", "1", "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos",
                        "--json", prefix=shm_prefix)
     assert first.returncode == 0, first.stderr
     docs = json.loads(first.stdout)
@@ -140,11 +141,15 @@ def test_stop_string_is_not_streamed(shm_prefix):
     # a stop string that starts inside the text, not at its start
     i, stop = next((i, text[i:i + 2]) for i in range(1, len(text) - 1)
                    if text.find(text[i:i + 2]) == i and text[i:i + 2].strip())
-    streamed = rsd_launch("generate", "--tp", "2", "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos",
-                          "--stop", stop, prefix=shm_prefix)
+    streamed = rsd_launch("-v", "generate", "--tp", "2", "--prompt", PROMPT, "--max-new-tokens", "12",
+                          "--ignore-eos", "--stop", stop, prefix=shm_prefix)
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == PROMPT + printable(text[:i]) + "\n"
-    assert "(stop)" in streamed.stderr and "total" in streamed.stderr and "start 2 cards" in streamed.stderr
+    assert "(stop)" in streamed.stderr and "; total " in streamed.stderr
+    # -v: each phase with its wall time
+    for step in ("start 2 cards: ", "compile for tp=2: ", "place the weight shards: ", "generate 1 prompt(s): ",
+                 "shut down 2 cards: "):
+        assert re.search(rf"^rsd-launch: .*{re.escape(step)}\d+\.\d+ s$", streamed.stderr, re.M), streamed.stderr
 
 
 def test_without_tokenizer_token_ids_are_shown(tmp_path, shm_prefix):
