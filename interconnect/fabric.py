@@ -169,6 +169,8 @@ class Fabric:
         """
         if epoch is not None:
             self.epoch = max(self.epoch, int(epoch))
+        if self.rings is not None:
+            self.rings.board.reset()  # call numbers restart: old entry states must not match
         for key in list(self._early):
             tag = key[1]
             if epoch is None or not (tag and isinstance(tag[0], int) and tag[0] >= self.epoch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 
+from interconnect.board import Board
 from interconnect.segment import SHM_DIR, SegmentError
 from interconnect.shmring import FIRST_SLICE_S, SLICE_S, SPIN_S, Inbox, Outbox, RingError, pid_alive, spin_until
 
@@ -35,11 +36,13 @@ class RingPath:
         self.active = False
         self.num_slots = MAX_SLOTS
         self._socket_check = 0.0
+        self.board = Board(self)  # entry states of phantom collectives (interconnect.board)
 
     def configure(self, peers: dict[int, str]) -> None:
         """Use the rings if every peer is on this host and has a slot; forget attachments either way
         (a restarted peer has a new inbox)."""
         self._drop_outboxes()
+        self.board.reset()
         self.inbox._l.pids[:] = 0  # senders of an earlier configuration say who they are again
         self.active = (self.fabric.rank < MAX_SLOTS and
                        all(ep.startswith("ipc://") and c < MAX_SLOTS for c, ep in peers.items()))

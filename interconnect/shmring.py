@@ -9,6 +9,7 @@ receiver waits on a single thing::
     64    heads[num_slots]   u64, bytes ever written into ring i (its sender writes it)
           tails[num_slots]   u64, bytes ever read from ring i (the receiver writes it)
           pids[num_slots]    u64, pid of the sender attached to slot i
+          board              BOARD_GROUPS x 2 entries of 8 u64 (the receiver writes it, see ``Board``)
           rings              num_slots x ring_bytes
 
 A record is ``[u32 header length][u32 payload length][header][payload]``, padded
@@ -90,6 +91,10 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+BOARD_GROUPS = 16  # process groups a card publishes entry states for
+BOARD_WORDS = 8  # gid, epoch, seq, v0..v4 (seq is written last: it commits the entry)
+
+
 class _Layout:
     """Views over an inbox segment (the same arithmetic on both sides)."""
 
@@ -105,15 +110,21 @@ class _Layout:
         self.heads = np.frombuffer(self.seg.buf, np.uint64, num_slots, HEADER)
         self.tails = np.frombuffer(self.seg.buf, np.uint64, num_slots, HEADER + 8 * num_slots)
         self.pids = np.frombuffer(self.seg.buf, np.uint64, num_slots, HEADER + 16 * num_slots)
-        self.data0 = -(-(HEADER + 24 * num_slots) // 4096) * 4096
+        self.board = np.frombuffer(self.seg.buf, np.int64, BOARD_GROUPS * 2 * BOARD_WORDS,
+                                   HEADER + 24 * num_slots).reshape(BOARD_GROUPS, 2, BOARD_WORDS)
+        self.data0 = _data0(num_slots)
 
     def close(self) -> None:
-        self.bytes = self.meta = self.bell = self.heads = self.tails = self.pids = None
+        self.bytes = self.meta = self.bell = self.heads = self.tails = self.pids = self.board = None
         self.seg.close()
 
 
+def _data0(num_slots: int) -> int:
+    return -(-(HEADER + 24 * num_slots + BOARD_GROUPS * 2 * BOARD_WORDS * 8) // 4096) * 4096
+
+
 def inbox_size(num_slots: int, ring_bytes: int) -> int:
-    return -(-(HEADER + 24 * num_slots) // 4096) * 4096 + num_slots * ring_bytes
+    return _data0(num_slots) + num_slots * ring_bytes
 
 
 class Inbox:
@@ -170,6 +181,10 @@ class Inbox:
     def sleep(self, seen: int, timeout_s: float = SLICE_S) -> None:
         """Sleep until a sender rings (the doorbell moves off ``seen``), at most ``timeout_s``."""
         futex_wait(self._l.bell_addr, seen, timeout_s)
+
+    @property
+    def board(self) -> np.ndarray:
+        return self._l.board
 
     def close(self, unlink: bool = True) -> None:
         self._l.close()
@@ -232,6 +247,15 @@ class Outbox:
             futex_ring(lay.bell_addr)
         return True
 
+    @property
+    def board(self) -> np.ndarray:
+        return self._l.board
+
+    def wake(self) -> None:
+        """Ring the receiver's doorbell if it sleeps (after publishing on this process's board)."""
+        if self._l.bell[1]:
+            futex_ring(self._l.bell_addr)
+
     def receiver_alive(self) -> bool:
         return pid_alive(self.receiver_pid)
 
@@ -247,7 +271,7 @@ def spin_until(ready, spin_s: float = SPIN_S) -> bool:
     """Poll ``ready()`` for ``spin_s``; True as soon as it holds.
 
     No ``sched_yield`` between polls: on a loaded host a yield hands the core to any other
-    runnable process for a whole time slice (milliseconds measured on 2 cores), while a
+    runnable process for a whole time slice (milliseconds, measured on 2 cores), while a
     sleeper woken by the doorbell is scheduled at once."""
     until = time.perf_counter() + spin_s
     while True:

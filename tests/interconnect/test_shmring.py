@@ -16,6 +16,7 @@ import zmq
 from devices.shm import segment_name
 from interconnect.emulation import PortClock
 from interconnect.fabric import Clock, Fabric, FabricError
+from interconnect.group import ProcessGroup
 from interconnect.segment import SHM_DIR
 from interconnect.shmring import Inbox, Outbox, RingError
 from interconnect.topology import get_topology
@@ -91,12 +92,56 @@ def test_bad_slots_and_oversized_records_are_refused(shm_prefix):
         Outbox(name, 1)
 
 
-def _fabric(ctx, run: str, rank: int, run_dir: str) -> Fabric:
+def _fabric(ctx, run: str, rank: int, run_dir: str, n: int = 2) -> Fabric:
     fabric = Fabric(ctx, rank, "s3cret", Clock(), bind=f"ipc://{run_dir}/f{rank}",
                     inbox_name=lambda c: segment_name(run, c, "inbox"), recv_timeout=30)
-    topo = get_topology("switch", 2)
-    fabric.configure({0: f"ipc://{run_dir}/f0", 1: f"ipc://{run_dir}/f1"}, PortClock(topo, rank, lambda n: 0))
+    topo = get_topology("switch", n)
+    fabric.configure({c: f"ipc://{run_dir}/f{c}" for c in range(n)}, PortClock(topo, rank, lambda n: 0))
     return fabric
+
+
+def _exchanges(group: ProcessGroup, calls: int) -> None:
+    for _ in range(calls):
+        seq = group.begin()
+        got = group.exchange(seq, [group.rank, seq, 10**12 + group.rank * seq])
+        assert got == [[r, seq, 10**12 + r * seq] for r in range(group.size)], got
+
+
+def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int) -> None:
+    ctx = zmq.Context()
+    fabric = _fabric(ctx, run, rank, run_dir, n)
+    ready.wait(10)  # every member has its inbox
+    _exchanges(ProcessGroup(fabric, list(range(n))), calls)
+    time.sleep(60)  # stays in the group until killed
+
+
+def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_prefix):
+    run, n, calls = _run_name(shm_prefix), 3, 300
+    ctx = zmq.Context()
+    with tempfile.TemporaryDirectory(prefix="rsd-ring-") as run_dir:
+        fabric = _fabric(ctx, run, 0, run_dir, n)
+        ready = SPAWN.Barrier(n)
+        peers = [SPAWN.Process(target=_board_peer, args=(run, run_dir, r, n, ready, calls)) for r in (1, 2)]
+        for p in peers:
+            p.start()
+        try:
+            group = ProcessGroup(fabric, list(range(n)))
+            ready.wait(30)
+            _exchanges(group, calls)  # every call's values, from every member, in group order
+            os.kill(peers[1].pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(FabricError, match=rf"card 2 \(pid {peers[1].pid}\) died while this card waited"):
+                group.exchange(group.begin(), [0, 0, 0])
+            assert time.monotonic() - t0 < 2.0
+        finally:
+            for p in peers:
+                p.kill()
+                p.join(10)
+            fabric.close()
+            ctx.destroy(linger=0)
+            for c in range(n):
+                (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
+    assert not list(SHM_DIR.glob(f"{run}_*"))
 
 
 def _peer(run: str, run_dir: str, ready) -> None:

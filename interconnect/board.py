@@ -1,0 +1,100 @@
+"""Entry states of phantom collectives through shared memory: each card publishes, its peers read in place.
+
+A phantom collective needs only every member's entry state (clock, send port,
+receive port) to simulate itself (``interconnect.sim``). Instead of n - 1
+messages out and n - 1 in per card, a card writes its state once on the board
+of its own inbox segment (``interconnect.shmring``), rings the doorbells of the
+peers that sleep, and reads the peers' states straight from their boards.
+
+An entry is ``[gid, epoch, seq, v0, v1, ...]`` in row ``gid`` of the card's
+board, in the half ``seq % 2``; ``seq`` is written last and commits it. A card
+can be at most one call ahead of any member of its group (it cannot finish
+call k + 1 before every member has published k + 1, which each does only after
+reading call k), so two halves are enough: nothing is overwritten while a peer
+may still read it.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from interconnect.shmring import BOARD_GROUPS, BOARD_WORDS, FIRST_SLICE_S, SLICE_S, pid_alive
+
+MAX_VALUES = BOARD_WORDS - 3
+
+
+class Board:
+    def __init__(self, path):
+        self.path = path  # the card's RingPath
+        self.rows: dict[int, int] = {}  # gid -> row on this card's board
+        self.peer_rows: dict[tuple, int] = {}  # (card, gid) -> row on that card's board
+
+    def reset(self) -> None:
+        """Forget every entry (the group call numbers restart, or a peer has a new inbox)."""
+        self.path.inbox.board[...] = 0
+        self.rows.clear()
+        self.peer_rows.clear()
+
+    def can_publish(self, gid: int, num_values: int) -> bool:
+        return num_values <= MAX_VALUES and (gid in self.rows or len(self.rows) < BOARD_GROUPS)
+
+    def exchange(self, cards: list[int], gid: int, epoch: int, seq: int, values: list[int]) -> list[list[int]]:
+        """Every card's ``values`` for call ``seq`` of group ``gid``, in the order of ``cards``."""
+        from interconnect.fabric import FabricError, FabricTimeout
+
+        path, me = self.path, self.path.fabric.rank
+        row = self.rows.setdefault(gid, len(self.rows))
+        entry = path.inbox.board[row, seq % 2]
+        entry[3:3 + len(values)] = values
+        entry[0], entry[1] = gid, epoch
+        entry[2] = seq  # last: commits the entry
+        peers = [c for c in cards if c != me]
+        boxes = {c: path._outbox(c) for c in peers}
+        for box in boxes.values():
+            box.wake()
+        got = {me: list(values)}
+        pending = [c for c in peers if not self._read(c, boxes[c], gid, epoch, seq, len(values), got)]
+        if not pending:
+            return [got[c] for c in cards]
+        inbox, fabric = path.inbox, path.fabric
+        deadline = time.monotonic() + fabric.recv_timeout
+        slice_s = FIRST_SLICE_S
+        while pending:
+            inbox.sleeping(True)
+            seen = inbox.doorbell()
+            pending = [c for c in pending if not self._read(c, boxes[c], gid, epoch, seq, len(values), got)]
+            if pending:
+                inbox.sleep(seen, slice_s)
+            inbox.sleeping(False)
+            pending = [c for c in pending if not self._read(c, boxes[c], gid, epoch, seq, len(values), got)]
+            if not pending:
+                break
+            if slice_s < SLICE_S:
+                slice_s = SLICE_S
+                continue
+            fabric.abort_check()
+            for c in pending:
+                if not pid_alive(boxes[c].receiver_pid):
+                    raise FabricError(f"card {me}: card {c} (pid {boxes[c].receiver_pid}) died while this card "
+                                      f"waited for its entry state (group call {seq})")
+            if time.monotonic() > deadline:
+                raise FabricTimeout(f"card {me}: waited {fabric.recv_timeout:.0f} s for the entry states of "
+                                    f"cards {pending} (group call {seq})")
+        return [got[c] for c in cards]
+
+    def _read(self, card: int, box, gid: int, epoch: int, seq: int, n: int, got: dict) -> bool:
+        board = box.board
+        row = self.peer_rows.get((card, gid))
+        if row is None:
+            rows = np.flatnonzero(board[:, 0, 0] == gid)
+            if not rows.size:
+                rows = np.flatnonzero(board[:, 1, 0] == gid)
+                if not rows.size:
+                    return False
+            row = self.peer_rows[(card, gid)] = int(rows[0])
+        entry = board[row, seq % 2]
+        if entry[2] != seq or entry[1] != epoch or entry[0] != gid:
+            return False
+        got[card] = entry[3:3 + n].tolist()
+        return True
