@@ -2,6 +2,8 @@
 
     python -m bench.collectives --devices 4 --ops all_reduce --algos ring tree one-shot auto \\
         --min-bytes 4096 --max-bytes 67108864 --vs-gloo --json results/collectives.json
+    python -m bench.collectives --topology 2s-2rp-split-flat --device gpu-mi300x --devices 16 --phantom \\
+        --algos ring --rings default search "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15|15 14 13 12 11 10 9 8 7 6 5 4 3 2 1 0"
 
 For every op, algorithm and size: the cards generate their inputs (small
 integers, exact in every dtype), run ``--warmup`` calls, one call from a common
@@ -20,7 +22,8 @@ import sys
 from bench.common import BUS_FACTOR, human_bytes, sweep, write_json
 from devices.spec import PRESETS
 from interconnect import wire
-from interconnect.collectives import ALGO_NAMES
+from interconnect import ring_search
+from interconnect.collectives import ALGO_NAMES, check_algo
 from interconnect.links import link_names
 from interconnect.topology import topology_names
 from rsd_runtime.cli import DefaultsFormatter
@@ -35,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--devices", "-n", type=int, default=4, help="cards, all in one group")
     p.add_argument("--ops", nargs="+", choices=OPS, default=["all_reduce"])
     p.add_argument("--algos", nargs="+", choices=ALGO_NAMES, default=["ring", "tree", "one-shot", "auto"])
+    p.add_argument("--rings", nargs="+", metavar="RINGS",
+                   help="run the ring algorithm once per RINGS: default, search, or orders of group ranks "
+                        "split by | (one channel each, as NCCL_RINGS)")
     p.add_argument("--min-bytes", "-b", type=int, default=4096, help="smallest message, bytes (nccl-tests -b)")
     p.add_argument("--max-bytes", "-e", type=int, default=64 << 20, help="largest message, bytes (nccl-tests -e)")
     p.add_argument("--step-factor", "-f", type=int, default=4, help="size multiplier between rows")
@@ -52,7 +58,22 @@ def parse_args(argv=None):
     p.add_argument("--vs-gloo", action="store_true", help="also run gloo on the same sizes and print ratios")
     p.add_argument("--json", metavar="PATH", help="write the config and one record per row")
     p.add_argument("--shm-prefix", default="rsdbench", help="prefix of the run's /dev/shm segments")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.algos = with_rings(args.algos, args.rings)
+    return args
+
+
+def with_rings(algos: list[str], rings: list[str] | None) -> list[str]:
+    """``algos`` with ``ring`` replaced by one ``ring:RINGS`` per ``--rings`` entry (checked)."""
+    if not rings:
+        return algos
+    named = [f"{ring_search.PREFIX}{r}" for r in rings]
+    for name in named:
+        check_algo(name)
+    if "ring" not in algos:
+        return [*algos, *named]
+    i = algos.index("ring")
+    return [*algos[:i], *named, *[a for a in algos[i + 1:] if a != "ring"]]
 
 
 def measure(args) -> list[dict]:

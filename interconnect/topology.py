@@ -267,5 +267,15 @@ def get_topology(name: str, num_cards: int | None, link: str | LinkSpec | None =
     return topo
 
 
+def topology_for(name: str, num_cards: int, link: str | LinkSpec | None = None, **options) -> Topology:
+    """A topology that holds ``num_cards`` cards or more: a fixed-size preset or a file keeps its own
+    cards (the caller uses the first ``num_cards``), any other preset is built for ``num_cards``."""
+    fixed = str(name).endswith(".toml") or topo_presets.get(name).size is not None
+    topo = get_topology(name, None if fixed else num_cards, link, **options)
+    if topo.num_cards < num_cards:
+        raise ValueError(f"topology {topo.name} has {topo.num_cards} cards, fewer than the {num_cards} asked for")
+    return topo
+
+
 def topology_names() -> list[str]:
     return topo_presets.names()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from devices.memory import OutOfDeviceMemory, fmt_bytes
 from devices.spec import get_spec
 from devices.step import SeqSlice, StepPlan
+from interconnect.topology import topology_for
 from rsd_runtime.cluster import Cluster
 from rsd_runtime.compiler import check_tp
 from rsd_runtime.deploy import kv_block_bytes
@@ -50,14 +51,14 @@ class PerfRunner:
         kw = dict(dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks, kv_utilization=kv_utilization,
                   progress=False, phantom=True)
         self.cluster = None
+        # instances on consecutive cards (box by box on the study presets); a fixed-size topology keeps
+        # all its cards, the ones past tp x instances idle
+        topo = topology_for(topology, n, link, **(topology_options or {}))
         if backend == "sim":
-            from interconnect.topology import get_topology
-
-            topo = get_topology(topology, n, link, **(topology_options or {}))
             self.engines = [LLMEngine(model, tp, device=self.spec, cards=list(range(i * tp, (i + 1) * tp)),
                                       backend="sim", topology=topo, **kw) for i in range(instances)]
         elif backend == "cards":
-            self.cluster = Cluster(num_devices=n, device=self.spec, phantom=True, topology=topology, link=link,
+            self.cluster = Cluster(num_devices=topo.num_cards, device=self.spec, phantom=True, topology=topology, link=link,
                                    topology_options=topology_options, **cluster_kwargs).start()
             try:
                 self.engines = [LLMEngine(model, tp, cluster=self.cluster, cards=list(range(i * tp, (i + 1) * tp)),

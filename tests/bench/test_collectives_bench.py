@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import collectives
 
 KEYS = {"op", "algo", "world_size", "bytes", "wall_us", "wall_busbw_gbps", "emu_us", "emu_busbw_gbps", "wrong"}
@@ -23,3 +25,11 @@ def test_collectives_bench_writes_json(tmp_path, shm_prefix, capsys):
     text = capsys.readouterr().out
     assert "wall clock" in text and "emulated clock" in text and "#wrong" in text and "(GB/s)" in text
     assert text.count("# Avg bus bandwidth") == 4
+
+
+def test_rings_replace_the_ring_algorithm():
+    assert collectives.with_rings(["ring", "tree"], ["default", "search", "0 1|1 0"]) == \
+        ["ring:default", "ring:search", "ring:0 1|1 0", "tree"]
+    assert collectives.with_rings(["tree"], ["search"]) == ["tree", "ring:search"]
+    with pytest.raises(ValueError, match="ring order '0 x': expected group ranks"):
+        collectives.with_rings(["ring"], ["0 x"])
