@@ -66,3 +66,15 @@ def entry(main, prog: str):
         print(f"{prog}: error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a clear exit when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    return plt

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from devices.tiers import MemoryTier
+
 GiB = 1 << 30
 TERA = 10**12
 GIGA = 10**9
@@ -25,6 +27,8 @@ class DeviceSpec:
     memory_efficiency: float = 0.8  # share of memory_bw a streaming read reaches
     op_overhead_ns: int = 2_000  # fixed cost to launch one op
     host_link: str = "pcie-gen5-x16"
+    ddr_bytes: int = 0  # a DDR tier beside device memory (0: none; host memory is reached over host_link)
+    ddr_bw: float = 0.0  # DDR tier bandwidth, bytes/s
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -41,6 +45,24 @@ class DeviceSpec:
                 raise ValueError(f"{self.name}: {f}={v} must be in (0, 1]")
         if self.op_overhead_ns < 0:
             raise ValueError(f"{self.name}: op_overhead_ns must be >= 0")
+        if self.ddr_bytes < 0 or self.ddr_bw < 0 or (self.ddr_bytes > 0) != (self.ddr_bw > 0):
+            raise ValueError(f"{self.name}: a DDR tier needs both ddr_bytes and ddr_bw positive "
+                             f"(or both 0 for none), got {self.ddr_bytes} bytes at {self.ddr_bw} B/s")
+
+    def tiers(self) -> dict[str, MemoryTier]:
+        """The card's memory tiers, fastest first: SRAM, device memory and, if it has one, DDR."""
+        out = {"sram": MemoryTier("sram", self.sram_bytes, 0.0),
+               "device": MemoryTier("device", self.memory_bytes, self.memory_bw)}
+        if self.ddr_bytes:
+            out["ddr"] = MemoryTier("ddr", self.ddr_bytes, self.ddr_bw)
+        return out
+
+    def tier(self, name: str) -> MemoryTier:
+        tiers = self.tiers()
+        try:
+            return tiers[name]
+        except KeyError:
+            raise ValueError(f"{self.name} has no memory tier {name!r}; its tiers: {', '.join(tiers)}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,8 +89,11 @@ PRESETS: dict[str, DeviceSpec] = {
         source="Rebellions ATOM+ RBLN-CA12 product brief",
     ),
     # SambaNova SN40L, Prabhakar et al., "SambaNova SN40L: Scaling the AI
-    # Memory Wall with Dataflow and Composition of Experts" (MICRO 2024):
-    # 638 TFLOPS BF16, 520 MB SRAM, 64 GB HBM (~1.6 TB/s), 1.5 TB DDR (~100 GB/s).
+    # Memory Wall with Dataflow and Composition of Experts" (MICRO 2024,
+    # arXiv:2405.07518): per socket 638 TFLOPS BF16, 520 MiB on-chip SRAM,
+    # 64 GiB HBM (~1.6 TB/s) and up to 1.5 TiB of direct-attached DDR (~100 GB/s);
+    # the 64 GB HBM3 and 1.5 TB DDR5 per socket are also in SambaNova's SN40L
+    # launch announcement (2023-09-19).
     "sn40l": DeviceSpec(
         name="sn40l",
         peak_ops={"bfloat16": 638 * TERA, "float16": 638 * TERA, "float32": 638 * TERA / 4},
@@ -77,7 +102,8 @@ PRESETS: dict[str, DeviceSpec] = {
         sram_bytes=520 * (1 << 20),
         tdp_watts=600.0,  # assumed socket power: SambaNova publishes only per-node figures
         source="SambaNova SN40L, MICRO 2024 paper",
-        extra={"ddr_bytes": 1536 * GiB, "ddr_bw": 100 * GIGA},
+        ddr_bytes=1536 * GiB,
+        ddr_bw=100 * GIGA,
     ),
     # NVIDIA H100 SXM5 datasheet: 989 TFLOPS dense BF16/FP16 (1979 with
     # sparsity), 1979 TOPS dense INT8, 80 GB HBM3 at 3.35 TB/s, 50 MB L2, 700 W.

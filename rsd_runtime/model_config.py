@@ -306,6 +306,13 @@ _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "
                  "original_max_position_embeddings": 8192}
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
+    # meta-llama/Llama-2-7b-hf config.json: vocab 32000, hidden 4096, ffn 11008, 32 layers, 32 heads (no GQA),
+    # rope theta 10000, 4096 positions, float16; the experts of SambaNova's Samba-CoE are 7B Llama 2 models
+    "llama2-7b": ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                             num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+                             rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
+                             tie_word_embeddings=False, qkv_bias=False, o_bias=False, mlp_bias=False,
+                             sliding_window=None, dtype="float16", bos_token_id=1, eos_token_ids=(2,)),
     # meta-llama/Meta-Llama-3-8B config.json (Hugging Face hub)
     "llama3-8b": _llama3(4096, 14336, 32, 32, 8192, None),
     # meta-llama/Meta-Llama-3-70B config.json

@@ -192,7 +192,7 @@ def test_preset_rope_and_context():
 def test_unknown_preset_lists_names():
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*llama3-8b, llama3-70b, llama3.1-405b"):
         get_model_preset("gpt5")
-    assert set(MODEL_PRESETS) == {"llama3-8b", "llama3-70b", "llama3.1-405b"}
+    assert set(MODEL_PRESETS) == {"llama2-7b", "llama3-8b", "llama3-70b", "llama3.1-405b"}
 
 
 @pytest.mark.parametrize("doc, named", [

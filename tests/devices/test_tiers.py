@@ -1,0 +1,47 @@
+"""Memory tiers of the device specs and per-tier capacity."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from devices.spec import GiB, get_spec
+from devices.tiers import OutOfTierMemory, TieredMemory
+
+
+def test_sn40l_has_three_tiers_with_published_sizes():
+    tiers = get_spec("sn40l").tiers()
+    assert list(tiers) == ["sram", "device", "ddr"]
+    assert tiers["sram"].capacity == 520 << 20
+    assert tiers["device"].capacity == 64 * GiB and tiers["device"].bandwidth == 1.6e12
+    assert tiers["ddr"].capacity == 1536 * GiB and tiers["ddr"].bandwidth == 100e9
+
+
+def test_a_card_without_ddr_has_no_ddr_tier():
+    spec = get_spec("atom-plus")
+    assert list(spec.tiers()) == ["sram", "device"]
+    with pytest.raises(ValueError, match=r"atom-plus has no memory tier 'ddr'; its tiers: sram, device"):
+        spec.tier("ddr")
+
+
+def test_a_ddr_tier_needs_size_and_bandwidth():
+    with pytest.raises(ValueError, match="needs both ddr_bytes and ddr_bw"):
+        dataclasses.replace(get_spec("atom-plus"), ddr_bytes=GiB)
+
+
+def test_each_tier_enforces_its_own_capacity():
+    mem = TieredMemory(3, get_spec("sn40l").tiers())
+    mem.reserve("device", 60 * GiB, "expert a")
+    mem.reserve("ddr", 1000 * GiB, "experts")  # the DDR tier is untouched by device use
+    with pytest.raises(OutOfTierMemory, match=r"card 3: the device tier cannot hold 8.00 GiB for expert b: "
+                                              r"4.00 GiB free of 64.00 GiB \(missing 4.00 GiB\)"):
+        mem.reserve("device", 8 * GiB, "expert b")
+    with pytest.raises(OutOfTierMemory, match=r"the ddr tier .* \(missing 464.00 GiB\)"):
+        mem.reserve("ddr", 1000 * GiB, "more experts")
+    mem.release("device", 60 * GiB)
+    mem.reserve("device", 8 * GiB, "expert b")
+    assert mem.used == {"sram": 0, "device": 8 * GiB, "ddr": 1000 * GiB}
+    with pytest.raises(ValueError, match=r"card 3 has no memory tier 'l3'; its tiers: sram, device, ddr"):
+        mem.reserve("l3", 1, "x")
+    with pytest.raises(ValueError, match="releasing"):
+        mem.release("sram", 1)
