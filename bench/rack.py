@@ -153,7 +153,7 @@ def run(args, goodput: dict | None) -> int:
         for rate in rates:
             times = schedule(specs, rate, args.burstiness, args.seed)
             requests = [(at, p.prompt, p.output_len) for at, p in zip(times, specs)]
-            s = run_one(args, k, rate, requests, spec)
+            s = run_one(args, k, rate, requests, spec, progress=not args.disable_tqdm)
             runs.append(s)
             print_table(s, f"Replay: {k} x tp={args.tp}, {rate:g} req/s", clock="emulated")
     _scaling_table(runs)
