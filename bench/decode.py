@@ -137,8 +137,15 @@ def main(argv=None) -> int:
               f"{emu}")
     same = len({str(r["token_ids"]) for r in rows if "token_ids" in r}) == 1
     print(f"# greedy outputs identical across tp: {same}")
+    ref = rows[0]["decode_tok_s"]
+    ratios = {r["tp"]: r["decode_tok_s"] / ref for r in rows if r["tp"] is not None}
+    load = os.getloadavg()
+    print("# decode tok/s over transformers (1 thread), same run: "
+          + ", ".join(f"tp={tp} {x:.2f}x" for tp, x in ratios.items())
+          + f"; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
     if args.json:
-        write_json(args.json, "decode", vars(args), rows, outputs_identical_across_tp=same)
+        write_json(args.json, "decode", vars(args), rows, outputs_identical_across_tp=same,
+                   ratio_to_transformers_1_thread=ratios, loadavg=list(load))
         print(f"# wrote {args.json}")
     return 0 if same else 1
 
