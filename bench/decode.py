@@ -172,9 +172,14 @@ def main(argv=None) -> int:
     same = len({str(r["token_ids"]) for r in rows if "token_ids" in r}) == 1
     print(f"# greedy outputs identical across tp: {same}")
     load = {"cores": os.cpu_count(), "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0]}
+    ref = rows[0]["decode_tok_s"]
+    ratios = {r["tp"]: r["decode_tok_s"] / ref for r in rows if r["tp"] is not None}
+    print("# decode tok/s over transformers (1 thread), same run: "
+          + ", ".join(f"tp={tp} {x:.2f}x" for tp, x in ratios.items()))
     print(why(rows, args.device, load))
     if args.json:
-        write_json(args.json, "decode", vars(args), rows, outputs_identical_across_tp=same, host_load=load)
+        write_json(args.json, "decode", vars(args), rows, outputs_identical_across_tp=same, host_load=load,
+                   ratio_to_transformers_1_thread=ratios)
         print(f"# wrote {args.json}")
     return 0 if same else 1
 

@@ -34,7 +34,7 @@ from devices.lifeline import watch_host
 from devices.memory import DeviceMemory
 from devices.shm import SHM_DIR, segment_name
 from devices.spec import DeviceSpec, get_spec
-from interconnect import auth, wire
+from interconnect import auth, shmring, wire
 from interconnect.fabric import Clock, Fabric, FabricError
 from interconnect.links import LinkDegradation
 from interconnect.window import Window
@@ -182,7 +182,8 @@ class Card:
             name = segment_name(self.run_name, self.card, "fabric")
             (SHM_DIR / name).unlink(missing_ok=True)  # a window is transient: a restarted card makes a new one
             window = Window(name, FABRIC_WINDOW_BYTES)
-            inbox_name = lambda c: segment_name(self.run_name, c, "inbox")  # noqa: E731 (small messages)
+            if shmring.SUPPORTED:  # small messages through shared-memory rings
+                inbox_name = lambda c: segment_name(self.run_name, c, "inbox")  # noqa: E731
         self.fabric = Fabric(ctx, self.card, secret, self.clock, bind=fabric_bind, window=window,
                              peer_window_name=lambda c: segment_name(self.run_name, c, "fabric"),
                              phantom=self.phantom, abort_check=self._abort_check, slowdown=self.slowdown,

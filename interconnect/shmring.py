@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import struct
 import time
 
@@ -51,6 +52,8 @@ SPIN_S = float(os.environ.get("RSD_RING_SPIN_S", "0"))
 SLICE_S = 0.1  # sleep slices between liveness checks
 FIRST_SLICE_S = 0.002  # the first sleep of a wait: bounds the delay of a doorbell rung unseen
 
+# The rings rely on x86-64: stores become visible in program order (TSO) and the futex call number.
+SUPPORTED = platform.machine() in ("x86_64", "AMD64")
 _SYS_FUTEX = 202  # x86-64 syscall number (arch/x86/entry/syscalls/syscall_64.tbl)
 _FUTEX_WAIT, _FUTEX_WAKE_OP = 0, 5
 _WAKE_ADD_ONE = (1 << 28) | (1 << 12) | (2 << 24)  # FUTEX_OP(ADD, 1, CMP_LT, 0): add 1, never wake uaddr2

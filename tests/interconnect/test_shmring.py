@@ -18,10 +18,11 @@ from interconnect.emulation import PortClock
 from interconnect.fabric import Clock, Fabric, FabricError
 from interconnect.group import ProcessGroup
 from interconnect.segment import SHM_DIR
-from interconnect.shmring import Inbox, Outbox, RingError
+from interconnect.shmring import SUPPORTED, Inbox, Outbox, RingError
 from interconnect.topology import get_topology
 from rsd_runtime import Cluster
 
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="shared-memory rings run on x86-64 only")
 SPAWN = mp.get_context("spawn")
 NUM_RECORDS = 1500
 
