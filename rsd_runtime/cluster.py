@@ -174,6 +174,27 @@ class Cluster:
             return
         self._closed = True
         self._expected_exit.update(self.procs)
+        try:
+            self._stop_cards(timeout)
+        finally:  # also when Ctrl-C lands in the middle of the stop: nothing of the run may outlive it
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.popen.kill()
+                    proc.popen.wait()
+            if self.control is not None:
+                self.control.close()
+            if getattr(self, "_auth", None) is not None:
+                self._auth.close()
+            if self._ctx is not None:
+                self._ctx.destroy(linger=0)
+            shm.remove_run(self.run_name)
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._restore_sigterm()
+            atexit.unregister(self.shutdown)
+
+    def _stop_cards(self, timeout: float) -> None:
+        """Ask every card that can hear it to shut down, terminate the others; wait up to ``timeout``."""
         alive = [c for c, p in self.procs.items() if p.poll() is None]
         if self.control is not None:
             told = [c for c in alive if c not in self.control.dead and c in self.control.hello]
@@ -191,21 +212,6 @@ class Cluster:
                 proc.popen.wait(max(0.0, deadline - time.monotonic()))
             except Exception:
                 proc.popen.terminate()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.popen.kill()
-                proc.popen.wait()
-        if self.control is not None:
-            self.control.close()
-        if getattr(self, "_auth", None) is not None:
-            self._auth.close()
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)
-        shm.remove_run(self.run_name)
-        if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        self._restore_sigterm()
-        atexit.unregister(self.shutdown)
 
     def __enter__(self) -> "Cluster":
         return self.start() if self._closed else self
