@@ -67,6 +67,8 @@ class Cluster:
                 f"({fmt_bytes(CARD_HOST_BYTES)} each); this machine has {fmt_bytes(avail)} available "
                 f"(at most {avail // CARD_HOST_BYTES} cards)")
         self.num_devices = num_devices
+        # tenants: the cards of instances stepped together, which share the fabric (interconnect.topo_tenants);
+        # a fixed-size topology with more cards than num_devices runs on its first cards
         self.topology_config = {"topology": topology, "link": link, "options": dict(topology_options or {}),
                                 "tenants": [list(t) for t in tenants or ()]}
         try:
