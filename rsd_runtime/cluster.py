@@ -34,7 +34,7 @@ from devices.spec import DeviceSpec, get_spec
 from interconnect import wire
 from interconnect.auth import RunAuthenticator
 from interconnect.links import LinkDegradation
-from interconnect.topology import get_topology
+from interconnect.topology import topology_for
 from rsd_runtime.control import ControlPlane
 from rsd_runtime.errors import CardDied, ClusterError
 from rsd_runtime.supervisor import CardProcess, describe_exit, spawn_card
@@ -53,7 +53,7 @@ class Cluster:
                  shm_prefix: str = shm.DEFAULT_PREFIX, start_timeout: float = 60.0,
                  heartbeat_timeout: float = 10.0, card_log_level: str | None = None,
                  topology: str = "switch", link: str | None = None, topology_options: dict | None = None,
-                 transport: str = "ipc", tcp_host: str = "127.0.0.1", slowdown: float = 0.0):
+                 tenants: list[list[int]] | None = None, transport: str = "ipc", tcp_host: str = "127.0.0.1", slowdown: float = 0.0):
         if not isinstance(num_devices, int) or num_devices < 1:
             raise ClusterError(f"num_devices must be a whole number >= 1, got {num_devices!r}")
         if num_devices > MAX_DEVICES:
@@ -67,9 +67,13 @@ class Cluster:
                 f"({fmt_bytes(CARD_HOST_BYTES)} each); this machine has {fmt_bytes(avail)} available "
                 f"(at most {avail // CARD_HOST_BYTES} cards)")
         self.num_devices = num_devices
-        self.topology_config = {"topology": topology, "link": link, "options": dict(topology_options or {})}
+        # tenants: the cards of instances stepped together, which share the fabric (interconnect.topo_tenants);
+        # a fixed-size topology with more cards than num_devices runs on its first cards
+        self.topology_config = {"topology": topology, "link": link, "options": dict(topology_options or {}),
+                                "tenants": [list(t) for t in tenants or ()]}
         try:
-            self.topology = get_topology(topology, num_devices, link, **self.topology_config["options"])
+            self.topology = topology_for(topology, num_devices, link, tenants=self.topology_config["tenants"],
+                                         **self.topology_config["options"])
         except (ValueError, TypeError) as exc:
             raise ClusterError(str(exc)) from None
         if transport not in ("ipc", "tcp"):

@@ -112,7 +112,7 @@ class LLMEngine:
 
     def _start_sim(self, device, topology, cluster_kwargs) -> None:
         from devices.spec import DeviceSpec, get_spec
-        from interconnect.topology import get_topology
+        from interconnect.topology import topology_for
         from rsd_runtime.compiler import compile_model
         from rsd_runtime.deploy import check_fits
         from rsd_runtime.sim_runner import SimRunner
@@ -121,8 +121,7 @@ class LLMEngine:
             raise ValueError("the sim backend runs phantom instances only (phantom=True)")
         spec = device if isinstance(device, DeviceSpec) else get_spec(device)
         if topology is None or isinstance(topology, str):
-            topology = get_topology(topology or "switch", max(self.cards) + 1,
-                                    cluster_kwargs.get("link"),
+            topology = topology_for(topology or "switch", max(self.cards) + 1, cluster_kwargs.get("link"),
                                     **cluster_kwargs.get("topology_options", {}))
         self.owns_cluster, self.cluster, self.spec = False, None, spec
         self.programs = compile_model(self.cfg, self.tp, self.cards)

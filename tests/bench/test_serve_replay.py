@@ -43,6 +43,17 @@ def test_replay_on_card_processes_equals_the_in_process_instances(tmp_path):
     assert emulated(sim) == emulated(cards)
 
 
+def test_replay_on_a_study_topology_puts_tp8_in_one_box(tmp_path):
+    """A 16-card study preset under tp=8 instances: each takes the first box, whatever joins the boxes."""
+    args = ("--phantom", "--model", "llama3-8b", "--device", "gpu-mi300x", "--tp", "8", "--num-prompts", "4")
+    std = replay(tmp_path, "std", *args, "--topology", "1s-2rp-std-cascade")
+    split = replay(tmp_path, "split", *args, "--topology", "2s-2rp-split-flat")
+    tree = replay(tmp_path, "tree", *args, "--topology", "switch-tree")  # 8 cards over two leaf switches
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "topology"} for r in runs]  # noqa: E731
+    assert std["runs"][0]["completed"] == 4
+    assert strip(emulated(std)) == strip(emulated(split)) != strip(emulated(tree))
+
+
 def test_real_tiny_model_on_cards_gives_the_phantom_emulated_figures(tmp_path):
     from rsd_runtime.tiny_model import ensure_tiny_model
 
