@@ -228,20 +228,15 @@ def _scaling_table(runs: list[dict]) -> None:
 
 
 def plot(path: str, runs: list[dict], args) -> None:
-    try:
-        import matplotlib
+    from bench.common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    plt = pyplot()
     ks = sorted({r["instances"] for r in runs})
     rates = sorted({r["request_rate"] for r in runs})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     ax = axes[0]
     top = max(rates)
-    pts = [(r["cards"], r["output_throughput"]) for r in runs if r["request_rate"] == top]
-    pts.sort()
+    pts = sorted((r["cards"], r["output_throughput"]) for r in runs if r["request_rate"] == top)
     ax.plot([c for c, _ in pts], [t for _, t in pts], marker="o", label=f"measured at {top:g} req/s")
     if len(pts) > 1:
         c0, t0 = pts[0]
@@ -251,20 +246,23 @@ def plot(path: str, runs: list[dict], args) -> None:
     ax.legend(fontsize=8)
     ax = axes[1]
     for n, k in enumerate(ks):
-        color = f"C{n}"
         rs = sorted((r for r in runs if r["instances"] == k and math.isfinite(r["request_rate"])),
                     key=lambda r: r["request_rate"])
         if rs:
-            ax.plot([r["request_rate"] for r in rs], [r["mean_ttft_ms"] for r in rs], marker="o", color=color,
-                    label=f"{k} inst. mean TTFT")
-            ax.plot([r["request_rate"] for r in rs], [r["p99_ttft_ms"] for r in rs], marker="x", ls=":",
-                    color=color, label=f"{k} inst. p99 TTFT")
+            x = [r["request_rate"] for r in rs]
+            ax.plot(x, [r["mean_ttft_ms"] for r in rs], marker="o", color=f"C{n}", label=f"{k} inst. mean")
+            ax.plot(x, [r["p99_ttft_ms"] for r in rs], marker="x", ls=":", color=f"C{n}", label=f"{k} inst. p99")
     ax.set(xlabel="request rate (req/s)", ylabel="TTFT (ms)", title="latency against load", yscale="log")
+    ax.set_xscale("log", base=2)
     if ax.lines:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
     for a in axes:
         a.grid(True, alpha=0.3)
-    fig.suptitle(f"{args.model} on {args.device}, tp={args.tp}, {args.routing}, emulated clock", fontsize=9)
+    work = (f"{args.dataset}" if args.dataset else
+            f"{args.num_prompts} requests of {args.input_len} in / {args.output_len} out")
+    fig.suptitle(f"{args.model} on {args.device}, tp={args.tp}, {args.routing}, {work}; "
+                 f"every point measured, emulated clock", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
     print(f"# wrote {path}")

@@ -128,7 +128,7 @@ def test_health_lists_instances_with_card_pids_and_metrics_carry_both(instances)
         inst = {s.labels.get("instance") for f in fams.values() if f.name.startswith("rsd:") for s in f.samples}
         assert {"instance0", "instance1"} <= inst
         models = httpx.get(rt.base_url + "/v1/models").json()
-        assert models["data"] and models["data"][0]["id"]
+        assert models == httpx.get(instances[0].base_url + "/v1/models").json()  # vocab_size, max_model_len too
 
 
 class _Garbage:
