@@ -48,7 +48,8 @@ def add_args(p) -> None:
     g.add_argument("--cards-per-server", type=int, default=8, help="cards per server, for power")
     g.add_argument("--server-watts", type=float, default=0.0, help="host power per server")
     g.add_argument("--card-price", type=float, help="USD per card, for TPS per dollar")
-    g.add_argument("--plot", metavar="PNG", help="draw throughput against instances and latency against rate")
+    g.add_argument("--plot", metavar="PNG", help="replay: throughput against instances and latency against rate; "
+                   "live: each request's TTFT against its send time, by the instance that served it")
 
 
 def _list(text: str, kind, flag: str) -> list:

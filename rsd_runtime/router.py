@@ -51,6 +51,7 @@ ALLOWED_FAILS = 3
 COOLDOWN_S = 5.0
 FAIL_WINDOW_S = 60.0
 PROXIED = ("/v1/completions", "/v1/chat/completions")
+ERROR_EVENT = b'data: {"error"'  # how an instance's stream starts when it failed before any token
 
 
 @dataclass
@@ -304,6 +305,12 @@ class Router:
                 done(599)
                 self._failed(i, last)
                 continue
+            if first.startswith(ERROR_EVENT):  # the instance failed before its first token: no token is out yet
+                await resp.aclose()
+                last = f"{b.name}: {first[6:].decode(errors='replace').strip()[:300]}"
+                done(599)
+                self._failed(i, last)
+                continue
             return "stream", first, self._relay(chunks, resp, done, i), b.name
         return ("json", *_error(502, f"the request failed on {len(tried)} instance(s); last error: {last}"), None)
 
@@ -311,6 +318,9 @@ class Router:
         status = 200
         try:
             async for c in chunks:
+                if status == 200 and b'data: {"error"' in c:  # the instance failed mid-stream and said so
+                    status = 500
+                    self._failed(i, f"{self.backends[i].name}: {c.decode(errors='replace').strip()[:300]}")
                 yield c
         except httpx.HTTPError as e:
             status = 599
