@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -261,3 +262,17 @@ def test_a_rack_from_the_command_line_stops_whole_on_sigterm():
         assert len(children) >= 4  # two servers, one card each
     # the context exit sent SIGTERM and checked that no card process, segment or run directory is left
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def test_bench_serve_drives_the_router_and_counts_each_instance(instances, tmp_path):
+    from bench import serve
+
+    out, png = tmp_path / "rack.json", tmp_path / "rack.png"
+    with RouterThread([s.base_url for s in instances], "round-robin") as rt:
+        code = serve.main(["--base-url", rt.base_url, "--num-prompts", "4", "--max-concurrency", "1",
+                           "--input-len", "8", "--output-len", "3", "--json", str(out), "--plot", str(png),
+                           "--disable-tqdm"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["completed"] == 4 and doc["served_per_instance"] == {"instance0": 2, "instance1": 2}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
