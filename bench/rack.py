@@ -42,6 +42,9 @@ def add_args(p) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per instance step")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per instance step, prefill chunks included")
+    g.add_argument("--kv-utilization", type=float, default=0.9,
+                   help="share of each card's memory for weights and KV cache, vLLM's gpu_memory_utilization "
+                        "(phantom instances; with real weights the engine holds max-num-seqs x 1024 tokens)")
     g.add_argument("--router-hop-us", type=float, default=0.0,
                    help="emulated time a request spends in the router before it reaches its instance "
                         "(0: not modelled)")
@@ -74,7 +77,8 @@ def make_engines(args, k: int) -> list:
 
     kw = dict(device=args.device, phantom=args.phantom, progress=False, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.max_num_batched_tokens,
-              backend=args.backend if args.phantom else "cards", topology=args.topology)
+              backend=args.backend if args.phantom else "cards", topology=args.topology,
+              kv_utilization=args.kv_utilization if args.phantom else None)
     return [LLMEngine(args.model, args.tp, shm_prefix=f"rsdrack{i}", **kw) if kw["backend"] == "cards"
             else LLMEngine(args.model, args.tp, **kw) for i in range(k)]
 
@@ -146,6 +150,8 @@ def run(args, goodput: dict | None) -> int:
     if any(k < 1 for k in instances):
         raise ValueError(f"--instances must be >= 1, got {args.instances}")
     rates = _list(args.request_rate, _rate, "--request-rate")
+    if not 0 < args.kv_utilization <= 1:
+        raise ValueError(f"--kv-utilization must be in (0, 1], got {args.kv_utilization}")
     spec = get_spec(args.device)
     specs = prompts(args)
     t0 = time.perf_counter()

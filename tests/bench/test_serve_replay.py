@@ -58,6 +58,7 @@ def test_real_tiny_model_on_cards_gives_the_phantom_emulated_figures(tmp_path):
     (["--routing", "fastest"], "unknown routing policy 'fastest'"),
     (["--instances", "0"], "--instances must be >= 1"),
     (["--request-rate", "4,x"], "--request-rate takes a comma-separated list"),
+    (["--kv-utilization", "1.5"], "--kv-utilization must be in"),
 ])
 def test_bad_replay_options_are_named(args, message):
     with pytest.raises(ValueError, match=message):
