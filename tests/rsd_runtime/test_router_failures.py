@@ -247,6 +247,7 @@ def test_rsd_launch_router_bundles_running_servers_and_stops_on_sigterm(scripted
     (["--backend", "localhost:80"], "backend 'localhost:80' is not an http(s) URL"),
     (["--backend", "http://127.0.0.1:1", "--routing", "fastest"], "--routing"),
     (["--backend", "http://127.0.0.1:1", "--cooldown", "-1"], "--cooldown"),
+    (["--backend", "http://127.0.0.1:1", "--health-timeout", "0"], "--health-timeout must be > 0"),
 ])
 def test_rsd_launch_router_refuses_bad_options_in_one_line(args, flag, capsys):
     from rsd_runtime import cli
