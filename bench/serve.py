@@ -87,6 +87,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec
     last = None
     try:
         async with client.stream("POST", url, json=body) as r:
+            res.instance = r.headers.get("x-rsd-instance")
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
                 return res
@@ -144,7 +145,9 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
         async def one(spec, at):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             async with sem:
+                sent = time.perf_counter() - t0
                 r = await send(client, url, model, spec)
+                r.sent_s = sent
             bar.update(1)
             return r
 
@@ -249,11 +252,22 @@ def main(argv=None) -> int:
                   f"LLM.generate {r['output_throughput']:.1f}, ratio {r['server_over_offline']:.3f}")
         print(f"server / LLM.generate output tokens/s, wall clock: median ratio {ratio:.3f} over {len(rounds)} "
               f"round(s)  (loadavg {_load()} on {os.cpu_count()} cpus)")
+    served = {}
+    for r in results:
+        if r.instance:
+            served[r.instance] = served.get(r.instance, 0) + 1
+    if served:
+        doc["served_per_instance"] = dict(sorted(served.items()))
+        print("served per instance: " + ", ".join(f"{k} {v}" for k, v in sorted(served.items())))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}")
+    if args.plot:
+        from bench.serve_plot import plot_live
+
+        plot_live(args.plot, results, f"{base_url}, {info['id']}, {args.request_rate:g} req/s")
     return 0 if not failures else 1
 
 

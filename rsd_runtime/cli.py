@@ -389,6 +389,8 @@ def add_router_options(p):
 
     p.add_argument("--health-interval", type=float, default=1.0, metavar="S",
                    help="seconds between health checks of each instance (default: 1)")
+    p.add_argument("--health-timeout", type=float, default=2.0, metavar="S",
+                   help="seconds a health check may take before the instance counts as down (default: 2)")
     p.add_argument("--allowed-fails", type=int, default=router.ALLOWED_FAILS, metavar="N",
                    help=f"failed requests per minute before an instance cools down (default: {router.ALLOWED_FAILS})")
     p.add_argument("--cooldown", type=float, default=router.COOLDOWN_S, metavar="S",
@@ -400,13 +402,14 @@ def add_router_options(p):
 
 
 def router_options(args) -> dict:
-    for flag in ("health_interval", "cooldown", "request_timeout"):
+    for flag in ("health_interval", "health_timeout", "cooldown", "request_timeout"):
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.allowed_fails < 1 or args.num_retries < 0:
         raise ValueError("--allowed-fails must be >= 1 and --num-retries >= 0")
-    return dict(health_interval=args.health_interval, allowed_fails=args.allowed_fails, cooldown_s=args.cooldown,
-                num_retries=args.num_retries, request_timeout=args.request_timeout)
+    return dict(health_interval=args.health_interval, health_timeout=args.health_timeout,
+                allowed_fails=args.allowed_fails, cooldown_s=args.cooldown, num_retries=args.num_retries,
+                request_timeout=args.request_timeout)
 
 
 @command("router", "one OpenAI-compatible endpoint over instance servers that already run (here or on other "

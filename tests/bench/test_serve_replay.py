@@ -69,15 +69,34 @@ def test_real_tiny_model_on_cards_gives_the_phantom_emulated_figures(tmp_path):
     (["--routing", "fastest"], "unknown routing policy 'fastest'"),
     (["--instances", "0"], "--instances must be >= 1"),
     (["--request-rate", "4,x"], "--request-rate takes a comma-separated list"),
+    (["--kv-utilization", "1.5"], "--kv-utilization must be in"),
 ])
 def test_bad_replay_options_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         serve.main([*SMALL, "--phantom", *args])
 
 
-def test_a_trace_with_a_negative_time_is_refused(tmp_path):
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": [5, 6], "output_len": 4, "arrival_s": -1}', "trace.jsonl:2: field 'arrival_s'"),
+    ('{"prompt": [5, 6], "arrival_s": 1.0}', "trace.jsonl:2: field 'output_len'"),
+    ('{"output_len": 4, "arrival_s": 1.0}', "trace.jsonl:2: field 'prompt'"),
+    ('{"prompt": [5, 6], "output_len": 4}', "arrival_s is given on some lines but not all"),
+])
+def test_a_bad_trace_is_refused_naming_line_and_field(tmp_path, line, message):
     trace = tmp_path / "trace.jsonl"
-    trace.write_text('{"prompt": [5, 6, 7], "output_len": 4, "arrival_s": 0.5}\n'
-                     '{"prompt": [5, 6], "output_len": 4, "arrival_s": -1}\n')
-    with pytest.raises(ValueError, match="trace.jsonl:2: field 'arrival_s'"):
+    trace.write_text('{"prompt": [5, 6, 7], "output_len": 4, "arrival_s": 0.5}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
         serve.main([*SMALL, "--phantom", "--dataset", str(trace)])
+
+
+def test_bad_trace_and_policy_exit_2_with_one_line(tmp_path, capsys):
+    from bench.common import entry
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"prompt": [5], "output_len": 4, "arrival_s": -1}\n')
+    for argv in (["--dataset", str(trace)], ["--routing", "fastest"]):
+        with pytest.raises(SystemExit) as exc:
+            entry(lambda: serve.main([*SMALL, "--phantom", *argv]), "python -m bench.serve")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
