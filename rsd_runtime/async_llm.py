@@ -188,7 +188,7 @@ class AsyncLLM:
                     outs = engine.step()
                 except EngineDeadError:
                     continue  # failed above on the next turn, with every request in flight
-                self._queued = len(engine.scheduler.waiting) + self._inbox.qsize()
+                self._queued = engine.num_waiting() + self._inbox.qsize()
                 self._deliver(outs)
         except BaseException as exc:  # the thread must not die silently: callers would wait forever
             self.error = exc
