@@ -281,6 +281,10 @@ class CoEEngine:
         out.aborted += self.aborted_queued
         return out
 
+    @property
+    def max_len(self) -> int:
+        return min(e.max_len for e in self.engines.values())
+
     def num_running(self) -> int:
         return sum(e.num_running() for e in self.engines.values())
 
