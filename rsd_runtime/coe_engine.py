@@ -68,7 +68,8 @@ class CoEEngine:
         self.spec = device if isinstance(device, DeviceSpec) else get_spec(device)
         self.router = RouterConfig.from_toml(router) if isinstance(router, str) else router
         # every check that needs only the configs runs before any card starts
-        cfgs = {n: resolve_model(p, phantom, False)[1] for n, p in models.items()}
+        read = {p: resolve_model(p, phantom, False)[1] for p in set(models.values())}
+        cfgs = {n: read[p] for n, p in models.items()}
         if self.router is not None:
             self._check_router(cfgs, phantom, backend)
         blocks = num_kv_blocks or max(-(-max_num_seqs * min(c.max_position_embeddings, 1024) // block_size)
@@ -76,7 +77,8 @@ class CoEEngine:
         kv = max(blocks * kv_block_bytes(c, tp, block_size, engine_kwargs.get("dtype") or c.dtype)
                  for c in cfgs.values())
         slack = max(ALIGN * len(c.tensor_shapes()) for c in cfgs.values())  # the arena aligns every tensor
-        self.pool = ExpertPool(self.spec, {n: shard_bytes(c, tp, wire.itemsize(c.dtype)) for n, c in cfgs.items()},
+        sizes = {p: shard_bytes(cfgs[n], tp, wire.itemsize(cfgs[n].dtype)) for n, p in models.items()}  # per model
+        self.pool = ExpertPool(self.spec, {n: sizes[p] for n, p in models.items()},
                                source=staging, reserved_bytes=kv + slack, num_cards=tp,
                                topology=topology or "switch")
         self.tp, self.phantom, self.backend = tp, phantom, backend
@@ -122,7 +124,7 @@ class CoEEngine:
                                            staging=self.pool.path.source, **kw)
         if extra:
             self.classifier = LLMEngine(self.router.classifier.model, 1, cluster=self.cluster, cards=[self.tp],
-                                        device=self.spec, num_kv_blocks=64, progress=progress)
+                                        device=self.spec, num_kv_blocks=kw["num_kv_blocks"], progress=progress)
 
     def _check_router(self, cfgs, phantom: bool, backend: str) -> None:
         r = self.router
