@@ -98,3 +98,17 @@ def test_router_rules_from_toml(tmp_path):
     path.write_text('[[rule]]\nexpert = "a"\ncontains = ["x"]\n')
     with pytest.raises(ValueError, match=r"give a 'default' expert or a \[classifier\]"):
         RouterConfig.from_toml(path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--models", "x", "--phantom"], "--models takes NAME=PATH items, got 'x'"),
+    (["--router", "r.toml"], "--router goes with --models"),
+    (["--models", "a=llama2-7b", "--phantom", "--staging", "ddr"], "atom-plus has no memory tier 'ddr'"),
+])
+def test_serve_options_are_checked(args, message, shm_prefix):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "rsd_runtime.cli", "--shm-prefix", shm_prefix, "serve", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
