@@ -54,6 +54,17 @@ class Pending:
     ready_ns: int  # when the router has decided (emu_arrival plus the classifier's step)
 
 
+def expert_pool(spec: DeviceSpec, models: dict[str, str], cfgs: dict, tp: int, num_kv_blocks: int, block_size: int,
+                dtype: str | None, staging: str | None, topology: str | None) -> ExpertPool:
+    """The pool of these experts on ``tp`` cards: each one's weight bytes on the busiest card; device memory
+    for experts is what the largest KV cache and the arena's alignment of every tensor leave."""
+    kv = max(num_kv_blocks * kv_block_bytes(c, tp, block_size, dtype or c.dtype) for c in cfgs.values())
+    slack = max(ALIGN * len(c.tensor_shapes()) for c in cfgs.values())
+    sizes = {p: shard_bytes(cfgs[n], tp, wire.itemsize(cfgs[n].dtype)) for n, p in models.items()}  # per model
+    return ExpertPool(spec, {n: sizes[p] for n, p in models.items()}, source=staging, reserved_bytes=kv + slack,
+                      num_cards=tp, topology=topology or "switch")
+
+
 class CoEEngine:
     def __init__(self, models: dict[str, str], tp: int = 1, *, device: str | DeviceSpec = "atom-plus",
                  staging: str | None = None, router: str | RouterConfig | None = None, phantom: bool = False,
@@ -71,16 +82,17 @@ class CoEEngine:
         read = {p: resolve_model(p, phantom, False)[1] for p in set(models.values())}
         cfgs = {n: read[p] for n, p in models.items()}
         if self.router is not None:
-            self._check_router(cfgs, phantom, backend)
+            if self.router.classifier is not None and phantom:
+                raise ValueError("a classifier router needs real cards: phantom cards compute no logits")
+            vocab = {n: c.vocab_size for n, c in cfgs.items()}
+            if self.router.classifier is not None:
+                clf = self.router.classifier.model
+                vocab[f"classifier {clf}"] = resolve_model(clf, False, False)[1].vocab_size
+            self.router.check(vocab)
         blocks = num_kv_blocks or max(-(-max_num_seqs * min(c.max_position_embeddings, 1024) // block_size)
                                       for c in cfgs.values())
-        kv = max(blocks * kv_block_bytes(c, tp, block_size, engine_kwargs.get("dtype") or c.dtype)
-                 for c in cfgs.values())
-        slack = max(ALIGN * len(c.tensor_shapes()) for c in cfgs.values())  # the arena aligns every tensor
-        sizes = {p: shard_bytes(cfgs[n], tp, wire.itemsize(cfgs[n].dtype)) for n, p in models.items()}  # per model
-        self.pool = ExpertPool(self.spec, {n: sizes[p] for n, p in models.items()},
-                               source=staging, reserved_bytes=kv + slack, num_cards=tp,
-                               topology=topology or "switch")
+        self.pool = expert_pool(self.spec, models, cfgs, tp, blocks, block_size, engine_kwargs.get("dtype"),
+                                staging, topology)
         self.tp, self.phantom, self.backend = tp, phantom, backend
         self.cards = list(range(tp))
         self.cluster = None
@@ -125,25 +137,6 @@ class CoEEngine:
         if extra:
             self.classifier = LLMEngine(self.router.classifier.model, 1, cluster=self.cluster, cards=[self.tp],
                                         device=self.spec, num_kv_blocks=kw["num_kv_blocks"], progress=progress)
-
-    def _check_router(self, cfgs, phantom: bool, backend: str) -> None:
-        r = self.router
-        unknown = [e for e in r.experts() if e not in cfgs]
-        if unknown:
-            raise ValueError(f"router {r.name!r} names experts this engine does not serve: {sorted(set(unknown))}; "
-                             f"served: {', '.join(cfgs)}")
-        if r.name in cfgs:
-            raise ValueError(f"router name {r.name!r} is also an expert's name")
-        sizes = {n: c.vocab_size for n, c in cfgs.items()}
-        if r.classifier is not None:
-            if phantom:
-                raise ValueError("a classifier router needs real cards: phantom cards compute no logits")
-            sizes[f"classifier {r.classifier.model}"] = resolve_model(r.classifier.model, False, False)[1].vocab_size
-        (first, v0), *rest = sizes.items()
-        other = next(((n, v) for n, v in rest if v != v0), None)
-        if other is not None:
-            raise ValueError(f"experts {first!r} (vocabulary {v0}) and {other[0]!r} (vocabulary {other[1]}) cannot "
-                             f"share router {r.name!r}: a router reads one vocabulary")
 
     def _shared_tokenizer(self):
         """The experts' tokenizer if they share one (text prompts), else None (token ids only)."""

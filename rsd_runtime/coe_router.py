@@ -94,6 +94,22 @@ class RouterConfig:
         out = [r.expert for r in self.rules] + ([self.default] if self.default else [])
         return out + (self.classifier.experts if self.classifier else [])
 
+    def check(self, vocab_sizes: dict[str, int]) -> None:
+        """Refuse a router over experts it does not know or of different vocabularies (``vocab_sizes``: the
+        served experts', and the classifier's, by name)."""
+        unknown = sorted({e for e in self.experts() if e not in vocab_sizes})
+        if unknown:
+            served = [n for n in vocab_sizes if not n.startswith("classifier ")]
+            raise ValueError(f"router {self.name!r} names experts this engine does not serve: {unknown}; "
+                             f"served: {', '.join(served)}")
+        if self.name in vocab_sizes:
+            raise ValueError(f"router name {self.name!r} is also an expert's name")
+        (first, v0), *rest = vocab_sizes.items()
+        other = next(((n, v) for n, v in rest if v != v0), None)
+        if other is not None:
+            raise ValueError(f"experts {first!r} (vocabulary {v0}) and {other[0]!r} (vocabulary {other[1]}) cannot "
+                             f"share router {self.name!r}: a router reads one vocabulary")
+
     def by_rules(self, text: str | None, ids: list[int]) -> str | None:
         """The first matching rule's expert; None if no rule matches."""
         return next((r.expert for r in self.rules if r.matches(text, ids)), None)
