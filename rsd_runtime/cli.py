@@ -404,7 +404,7 @@ def cmd_serve(args) -> int:
 
 
 BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode",
-              "inference": "bench.inference", "serve": "bench.serve"}
+              "inference": "bench.inference", "serve": "bench.serve", "coe": "bench.coe"}
 
 
 def _bench_args(p):
@@ -462,7 +462,7 @@ def cmd_router(args) -> int:
     return 0
 
 
-@command("bench", "run a benchmark program (collectives, inference, decode, launch, serve); options after its name go "
+@command("bench", "run a benchmark program (collectives, inference, decode, launch, serve, coe); options after its name go "
                   "to it", _bench_args, shared=())
 def cmd_bench(args) -> int:
     import importlib
