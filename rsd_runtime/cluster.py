@@ -328,11 +328,13 @@ class Cluster:
         """Place ``tensor`` (numpy or torch) into card ``card``'s arena under ``name``."""
         return self.put_async(card, name, tensor).result()[0]
 
-    def put_async(self, card: int, name: str, tensor):
-        """``put`` without waiting: a future of the card's reply (puts to several cards overlap)."""
+    def put_async(self, card: int, name: str, tensor, tier: str | None = None):
+        """``put`` without waiting: a future of the card's reply (puts to several cards overlap).
+        ``tier``: a staging tier (``ddr`` or ``host``) instead of device memory."""
         self._check_card(card)
         dtype, shape, payload = wire.to_wire(tensor)
-        return self.control.submit(card, "put", {"name": name, "dtype": dtype, "shape": shape}, [payload])
+        header = {"name": name, "dtype": dtype, "shape": shape, **({"tier": tier} if tier else {})}
+        return self.control.submit(card, "put", header, [payload])
 
     def get(self, card: int, name: str, *, as_torch: bool | None = None):
         """Read tensor ``name`` back through card ``card`` (a copy owned by the caller)."""

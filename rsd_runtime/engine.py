@@ -60,10 +60,13 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, chunk_size: int = 256, max_model_len: int | None = None,
                  kv_utilization: float | None = None, progress: bool = True, phantom: bool = False,
                  check_weights: bool | None = None, cluster: Cluster | None = None, cards: list[int] | None = None,
-                 backend: str = "cards", topology=None, **cluster_kwargs):
+                 backend: str = "cards", topology=None, expert: str | None = None, staging: str | None = None,
+                 **cluster_kwargs):
         """``backend="sim"`` (phantom only) runs the instance in this process on the emulated clock
         (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
-        preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology."""
+        preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology.
+        ``expert``: this model is one of a pool sharing the cards (``rsd_runtime.coe_engine``); its
+        shards wait in the ``staging`` tier until ``load_program()`` after the pool activated it."""
         # bad checkpoints and impossible splits fail before any card starts
         self.timings: dict[str, float] = {}  # wall seconds of the phases: read_s, start_s, load_s, shutdown_s
         with phase(log, f"read model {model}", self.timings, "read_s"):
@@ -87,6 +90,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             self.eos_ids.add(self.tokenizer.eos_id)
         self.cards = list(range(tp)) if cards is None else list(cards)
+        self.expert = expert
+        self.weight_prefix = f"{expert}/" if expert is not None else ""
         if backend == "sim":
             self._start_sim(device, topology, cluster_kwargs)
             return
@@ -102,13 +107,31 @@ class LLMEngine:
             with phase(log, "load the model onto the cards", self.timings, "load_s"):
                 self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
                                        weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
-                                       block_size=block_size, progress=progress)
+                                       block_size=block_size, progress=progress, expert=expert, tier=staging)
         except BaseException:
             self.close()
             raise
         self.runner = CardRunner(self.cluster, self.cards, vocab_size=cfg.vocab_size)
         host_threads(self.cluster.num_devices)
         self._init_host()
+
+    def load_program(self) -> None:
+        """Install this model's command stream on its cards again (an expert made active); the KV cache
+        stays if its layout is the same."""
+        if self.cluster is not None:
+            load_programs(self.cluster, self.programs, self.cfg, dtype=self.dtype, weight_dtype=self.weight_dtype,
+                          num_kv_blocks=self.num_kv_blocks, block_size=self.block_size, attach=True,
+                          weight_prefix=self.weight_prefix)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def kv_usage(self) -> float:
+        """Share of KV blocks in use (1 means all)."""
+        return 1.0 - self.blocks.num_free_blocks / self.blocks.num_blocks
 
     def _start_sim(self, device, topology, cluster_kwargs) -> None:
         from devices.spec import DeviceSpec, get_spec
@@ -351,7 +374,7 @@ class LLMEngine:
         if restarted:
             load_programs(self.cluster, self.programs, self.cfg, dtype=self.dtype, weight_dtype=self.weight_dtype,
                           num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
-                          cards=restarted, attach=True)
+                          cards=restarted, attach=True, weight_prefix=self.weight_prefix)
         self.runner.resync()
         self.dead = None
         self.stats.recoveries += 1
