@@ -2,14 +2,17 @@
 
 It advances the card's emulated clock by exactly what the real executor
 charges (``devices.step``) and runs every collective with the payload's
-nominal size, so peers and links are charged as for real data (phantom
-collectives simulate themselves from the group's entry states:
-``interconnect.sim``). It needs no torch: a rack of phantom cards fits in a
-few GB of host memory.
+nominal size, so peers and links are charged as for real data. It needs no
+torch: a rack of phantom cards fits in a few GB of host memory.
 
 The stream is cut into segments: the compute ops between two collectives,
-charged as one integer sum, then the collective. ``rsd_runtime.sim_runner``
-walks the same segments for all ranks of an instance at once.
+charged as one integer sum, then the collective. A step's clocks depend only on
+every rank's entry state (clock, send port, receive port) and every rank's
+segment costs, so phantom cards exchange those once per step and each walks the
+whole step for all ranks (``walk``), running each collective through the
+simulation (``interconnect.sim``): one rendezvous per step instead of one per
+collective, and the same integers. ``rsd_runtime.sim_runner`` walks the same
+segments in one process.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 from devices.cost import CostModel
 from devices.step import StepCosts, StepPlan
 from interconnect import collectives as coll
+from interconnect import sim
 from interconnect.sim import Call
 
 COLLECTIVES = ("all_reduce", "all_gather")
@@ -41,12 +45,36 @@ def collective_call(op: dict, costs: StepCosts, step: StepPlan) -> Call:
     return Call(op["op"], costs.comm_bytes(op, step), "uint8", "auto")
 
 
+def walk(costs: list[list[int]], calls: list[list[Call]], cards: list[int], topology, reduce_ns,
+         clocks: list[int], ports: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Every rank's (clock, (tx_free, rx_free)) after one step: per segment i, rank r computes for
+    ``costs[r][i]`` ns, then the ranks run collective i (rank r as ``calls[i][r]``) from their entry
+    states, as each card's ``collectives._emulated`` would."""
+    n = len(cards)
+    for i in range(len(costs[0])):
+        clocks = [c + costs[r][i] for r, c in enumerate(clocks)]
+        if i >= len(calls) or n == 1:
+            continue
+        states = [(clocks[r], *ports[r]) for r in range(n)]
+        out = [None] * n
+        for call in dict.fromkeys(calls[i]):  # one simulation per distinct call (all ranks agree, normally)
+            got = sim.CACHE.run(call, cards, topology, reduce_ns, states)
+            for r in range(n):
+                if calls[i][r] == call:
+                    out[r] = got[r]
+        clocks = [c for c, _, _ in out]
+        ports = [(tx if tx is not None else old[0], rx if rx is not None else old[1])
+                 for (_, tx, rx), old in zip(out, ports)]
+    return clocks, ports
+
+
 class PhantomExecutor:
     def __init__(self, clock, spec, shapes: dict[str, tuple], program: dict, group):
         """``clock``: the card's emulated clock; ``shapes``: its weights' shapes by arena name."""
         self.clock = clock
         self.ops = program["ops"]
         self.segments = segments(self.ops)
+        self.kinds = [op["op"] for _, op in self.segments if op is not None]
         meta = program["meta"]
         cost = CostModel(spec, meta["weight_dtype"], meta["compute_dtype"])
         self.costs = StepCosts(cost, meta, shapes)
@@ -55,6 +83,8 @@ class PhantomExecutor:
         self.vocab_size = meta["vocab_size"]
 
     def step(self, step: StepPlan) -> None:
+        if self.group is not None and getattr(self.group.fabric, "emulate_only", False):
+            return self._step_at_once(step)
         clock = self.clock
         for i, (ops, op) in enumerate(self.segments):
             clock.now += self.costs.segment_ns(i, ops, step)
@@ -66,4 +96,23 @@ class PhantomExecutor:
             else:
                 coll.all_gather(np.empty(call.count * self.group.size, np.uint8), np.empty(call.count, np.uint8),
                                 self.group, dtype="uint8")
+        return None
+
+    def _step_at_once(self, step: StepPlan) -> None:
+        """The step's collectives from one exchange of [clock, tx_free, rx_free, segment costs...,
+        collective sizes...] among the group (``walk``)."""
+        g, ports = self.group, self.group.fabric.ports
+        costs = [self.costs.segment_ns(i, ops, step) for i, (ops, _) in enumerate(self.segments)]
+        counts = [self.costs.comm_bytes(op, step) for _, op in self.segments if op is not None]
+        mine = [self.clock.now, ports.tx_free, ports.rx_free, *costs, *counts]
+        rows = g.exchange(g.begin(), mine)
+        if any(len(row) != len(mine) for row in rows):
+            raise ValueError(f"card {g.fabric.rank}: the group's phantom streams do not line up "
+                             f"({sorted({len(row) for row in rows})} values per card, {len(mine)} here)")
+        k = 3 + len(costs)
+        calls = [[Call(kind, row[k + j], "uint8", "auto") for row in rows] for j, kind in enumerate(self.kinds)]
+        clocks, port_times = walk([row[3:k] for row in rows], calls, g.ranks, ports.topology, ports.reduce_ns,
+                                  [row[0] for row in rows], [(row[1], row[2]) for row in rows])
+        self.clock.now = clocks[g.rank]
+        ports.tx_free, ports.rx_free = port_times[g.rank]
         return None
