@@ -10,8 +10,8 @@ charged as one integer sum, then the collective. A step's clocks depend only on
 every rank's entry state (clock, send port, receive port) and every rank's
 segment costs, so phantom cards exchange those once per step and each walks the
 whole step for all ranks (``walk``), running each collective through the
-simulation (``interconnect.sim``): one rendezvous per step instead of one per
-collective, and the same integers. ``rsd_runtime.sim_runner`` walks the same
+simulation (``interconnect.sim``, ``devices.walk``): one rendezvous per step
+instead of one per collective, and the same integers. ``rsd_runtime.sim_runner`` walks the same
 segments in one process.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 
 from devices.cost import CostModel
 from devices.step import StepCosts, StepPlan
+from devices.walk import walk
 from interconnect import collectives as coll
-from interconnect import sim
 from interconnect.sim import Call
 
 COLLECTIVES = ("all_reduce", "all_gather")
@@ -43,29 +43,6 @@ def segments(ops: list[dict]) -> list[tuple[list[dict], dict | None]]:
 def collective_call(op: dict, costs: StepCosts, step: StepPlan) -> Call:
     """The collective a phantom card runs for a stream op: its nominal bytes as uint8."""
     return Call(op["op"], costs.comm_bytes(op, step), "uint8", "auto")
-
-
-def walk(costs: list[list[int]], calls: list[list[Call]], cards: list[int], topology, reduce_ns,
-         clocks: list[int], ports: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Every rank's (clock, (tx_free, rx_free)) after one step: per segment i, rank r computes for
-    ``costs[r][i]`` ns, then the ranks run collective i (rank r as ``calls[i][r]``) from their entry
-    states, as each card's ``collectives._emulated`` would."""
-    n = len(cards)
-    for i in range(len(costs[0])):
-        clocks = [c + costs[r][i] for r, c in enumerate(clocks)]
-        if i >= len(calls) or n == 1:
-            continue
-        states = [(clocks[r], *ports[r]) for r in range(n)]
-        out = [None] * n
-        for call in dict.fromkeys(calls[i]):  # one simulation per distinct call (all ranks agree, normally)
-            got = sim.CACHE.run(call, cards, topology, reduce_ns, states)
-            for r in range(n):
-                if calls[i][r] == call:
-                    out[r] = got[r]
-        clocks = [c for c, _, _ in out]
-        ports = [(tx if tx is not None else old[0], rx if rx is not None else old[1])
-                 for (_, tx, rx), old in zip(out, ports)]
-    return clocks, ports
 
 
 class PhantomExecutor:
@@ -110,7 +87,11 @@ class PhantomExecutor:
             raise ValueError(f"card {g.fabric.rank}: the group's phantom streams do not line up "
                              f"({sorted({len(row) for row in rows})} values per card, {len(mine)} here)")
         k = 3 + len(costs)
-        calls = [[Call(kind, row[k + j], "uint8", "auto") for row in rows] for j, kind in enumerate(self.kinds)]
+        sizes = [row[k:] for row in rows]
+        if all(row == sizes[0] for row in sizes):  # every rank sizes each collective alike (always, so far)
+            calls = [Call(kind, count, "uint8", "auto") for kind, count in zip(self.kinds, sizes[0])]
+        else:
+            calls = [[Call(kind, row[j], "uint8", "auto") for row in sizes] for j, kind in enumerate(self.kinds)]
         clocks, port_times = walk([row[3:k] for row in rows], calls, g.ranks, ports.topology, ports.reduce_ns,
                                   [row[0] for row in rows], [(row[1], row[2]) for row in rows])
         self.clock.now = clocks[g.rank]

@@ -11,7 +11,8 @@ a rack runs hundreds of steps per second this way.
 from __future__ import annotations
 
 from devices.cost import CostModel
-from devices.phantom import collective_call, segments, walk
+from devices.phantom import collective_call, segments
+from devices.walk import walk
 from devices.spec import DeviceSpec
 from devices.step import StepCosts, StepPlan
 from interconnect.emulation import memory_reduce_ns
@@ -52,7 +53,7 @@ class SimRunner:
         costs = [[self.costs[r].segment_ns(i, self.segments[r][i][0], plan) for i in range(len(segs))]
                  if self.same_as[r] == r else None for r in range(n)]
         costs = [costs[self.same_as[r]] for r in range(n)]
-        calls = [[collective_call(op, self.costs[0], plan)] * n for _, op in segs if op is not None]
+        calls = [collective_call(op, self.costs[0], plan) for _, op in segs if op is not None]
         clocks = [max(c, plan.t_start) for c in self.clocks]
         self.clocks, self.ports = walk(costs, calls, self.cards, self.topology, self.reduce_ns, clocks, self.ports)
         return None, max(self.clocks)
