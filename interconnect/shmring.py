@@ -9,7 +9,7 @@ receiver waits on a single thing::
     64    heads[num_slots]   u64, bytes ever written into ring i (its sender writes it)
           tails[num_slots]   u64, bytes ever read from ring i (the receiver writes it)
           pids[num_slots]    u64, pid of the sender attached to slot i
-          board              BOARD_GROUPS x 2 entries of 8 u64 (the receiver writes it, see ``Board``)
+          board              BOARD_GROUPS x 2 entries of BOARD_WORDS u64 (the receiver writes it, see ``Board``)
           rings              num_slots x ring_bytes
 
 A record is ``[u32 header length][u32 payload length][header][payload]``, padded
@@ -94,8 +94,11 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-BOARD_GROUPS = 16  # process groups a card publishes entry states for
-BOARD_WORDS = 8  # gid, epoch, seq, v0..v4 (seq is written last: it commits the entry)
+BOARD_GROUPS = 32  # process groups a card publishes entry states for
+# gid, epoch, seq, then up to 2045 values and payload words (seq is written last: it commits the entry):
+# a phantom step's entry is 3 + (2 x layers + 2) costs + (2 x layers + 1) sizes (devices.phantom), 326 for
+# an 80-layer model; small collectives of real cards carry up to 16 KiB of payload (interconnect.boardcoll)
+BOARD_WORDS = 2048
 
 
 class _Layout:
