@@ -6,10 +6,8 @@ messages out and n - 1 in per card, a card writes its state once on the board
 of its own inbox segment (``interconnect.shmring``), rings the doorbells of the
 peers that sleep, and reads the peers' states straight from their boards.
 
-An entry is ``[gid, epoch, seq, v0, v1, ..., data bytes]`` in row ``gid`` of
-the card's board, in the half ``seq % 2``; ``seq`` is written last and commits
-it. Small collectives of real cards put their payload in the entry too
-(``interconnect.boardcoll``) and their peers read it in place. A card
+An entry is ``[gid, epoch, seq, v0, v1, ...]`` in row ``gid`` of the card's
+board, in the half ``seq % 2``; ``seq`` is written last and commits it. A card
 can be at most one call ahead of any member of its group (it cannot finish
 call k + 1 before every member has published k + 1, which each does only after
 reading call k), so two halves are enough: nothing is overwritten while a peer
@@ -38,35 +36,24 @@ class Board:
         self.rows.clear()
         self.peer_rows.clear()
 
-    def can_publish(self, gid: int, num_values: int, nbytes: int = 0) -> bool:
-        return (num_values + -(-nbytes // 8) <= MAX_VALUES
-                and (gid in self.rows or len(self.rows) < BOARD_GROUPS))
+    def can_publish(self, gid: int, num_values: int) -> bool:
+        return num_values <= MAX_VALUES and (gid in self.rows or len(self.rows) < BOARD_GROUPS)
 
     def exchange(self, cards: list[int], gid: int, epoch: int, seq: int, values: list[int]) -> list[list[int]]:
         """Every card's ``values`` for call ``seq`` of group ``gid``, in the order of ``cards``."""
-        return [v for v, _ in self.exchange_data(cards, gid, epoch, seq, values)]
-
-    def exchange_data(self, cards: list[int], gid: int, epoch: int, seq: int, values: list[int],
-                      data: np.ndarray | None = None) -> list[tuple[list[int], np.ndarray | None]]:
-        """Every card's (``values``, ``data`` as uint8) for call ``seq`` of group ``gid``, in the order of
-        ``cards``. A peer's data is a view of its board, valid until this card publishes its next call
-        of the group (the peer cannot overwrite it before: see above)."""
         path, me = self.path, self.path.fabric.rank
         row = self.rows.setdefault(gid, len(self.rows))
         entry = path.inbox.board[row, seq % 2]
         n = len(values)
         entry[3:3 + n] = values
-        nbytes = 0 if data is None else data.nbytes
-        if nbytes:
-            entry[3 + n:].view(np.uint8)[:nbytes] = data
         entry[0], entry[1] = gid, epoch
         entry[2] = seq  # last: commits the entry
         peers = [c for c in cards if c != me]
         boxes = {c: path._outbox(c) for c in peers}
         for box in boxes.values():
             box.wake()
-        got = {me: (list(values), data)}
-        key = (gid, epoch, seq, n, nbytes)
+        got = {me: list(values)}
+        key = (gid, epoch, seq, n)
         pending = [c for c in peers if not self._read(c, boxes[c], key, got)]
         if pending:
             self._wait(pending, boxes, key, got)
@@ -80,12 +67,10 @@ class Board:
         deadline = time.monotonic() + fabric.recv_timeout
         slice_s = FIRST_SLICE_S
         while pending:
-            inbox.sleeping(True)
             seen = inbox.doorbell()
             pending = [c for c in pending if not self._read(c, boxes[c], key, got)]
             if pending:
                 inbox.sleep(seen, slice_s)
-            inbox.sleeping(False)
             pending = [c for c in pending if not self._read(c, boxes[c], key, got)]
             if not pending:
                 break
@@ -102,7 +87,7 @@ class Board:
                                     f"cards {pending} (group call {seq})")
 
     def _read(self, card: int, box, key: tuple, got: dict) -> bool:
-        gid, epoch, seq, n, nbytes = key
+        gid, epoch, seq, n = key
         board = box.board
         row = self.peer_rows.get((card, gid))
         if row is None:
@@ -115,5 +100,5 @@ class Board:
         entry = board[row, seq % 2]
         if entry[2] != seq or entry[1] != epoch or entry[0] != gid:
             return False
-        got[card] = (entry[3:3 + n].tolist(), entry[3 + n:].view(np.uint8)[:nbytes] if nbytes else None)
+        got[card] = entry[3:3 + n].tolist()
         return True

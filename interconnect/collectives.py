@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from interconnect import auto, boardcoll, dbtree, oneshot, ring, ring_search, sim, tree
+from interconnect import auto, dbtree, oneshot, ring, ring_search, sim, tree
 from interconnect import reduce as red
 from interconnect.group import ProcessGroup, split
 from interconnect.reduce import ReduceOp
@@ -75,10 +75,9 @@ def all_reduce(buf: np.ndarray, op=ReduceOp.SUM, group: ProcessGroup = None, *, 
     red.check_op(op, dtype)
     if _emulated("all_reduce", group, buf.size, dtype, algo, op):
         return
-    if not boardcoll.all_reduce(group, buf, op, dtype, algo):
-        seq = group.begin()
-        if group.size > 1 and buf.size:
-            _algo(group, "all_reduce", buf.nbytes, algo).all_reduce(group, buf, op, dtype, seq)
+    seq = group.begin()
+    if group.size > 1 and buf.size:
+        _algo(group, "all_reduce", buf.nbytes, algo).all_reduce(group, buf, op, dtype, seq)
     if op is ReduceOp.AVG and not group.phantom:
         red.finish_avg(buf, group.size, dtype)
 
@@ -92,8 +91,7 @@ def all_gather(output: np.ndarray, input: np.ndarray, group: ProcessGroup = None
     n = group.size
     if output.size != n * input.size:
         raise ValueError(f"all_gather: output has {output.size} elements, needs {n} x {input.size}")
-    if _emulated("all_gather", group, input.size, dtype, algo) or boardcoll.all_gather(group, output, input,
-                                                                                       dtype, algo):
+    if _emulated("all_gather", group, input.size, dtype, algo):
         return
     seq = group.begin()
     c = input.size

@@ -144,7 +144,6 @@ class Fabric:
         self.stale = 0  # messages of an epoch before the current one, dropped
         self.epoch = 0
         self.bytes_sent = 0
-        self.board_calls = 0  # small collectives that ran on the board (interconnect.boardcoll)
         # cards on one host: every message through shared-memory rings (interconnect.ringpath)
         self.rings = RingPath(self, inbox_name) if inbox_name is not None else None
 

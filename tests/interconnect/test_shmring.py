@@ -58,11 +58,9 @@ def test_records_arrive_whole_and_in_order_from_several_senders(shm_prefix):
         deadline = time.monotonic() + 60
         while sum(got.values()) < 2 * NUM_RECORDS and time.monotonic() < deadline:
             seen = inbox.doorbell()
-            inbox.sleeping(True)
             ready = inbox.ready()
             if not ready.size:
                 inbox.sleep(seen, 0.05)
-            inbox.sleeping(False)
             for slot in ready:
                 while (rec := inbox.take(int(slot))) is not None:
                     assert rec == _record(int(slot), got[int(slot)])  # whole, and the next one in order
@@ -101,26 +99,12 @@ def _fabric(ctx, run: str, rank: int, run_dir: str, n: int = 2) -> Fabric:
     return fabric
 
 
-def _payload(rank: int, seq: int) -> np.ndarray:
-    """Call ``seq``'s payload of a rank: 8 bytes to 16 KiB (the same on every rank), contents of that rank
-    and call."""
-    size = 8 + seq * 977 % ((16 << 10) - 40)
-    return ((np.arange(size) + rank * 7 + seq) % 251).astype(np.uint8)
-
-
 def _exchanges(group: ProcessGroup, calls: int, mode: str = "values") -> None:
-    """``calls`` exchanges, each checked: a few ints (phantom collectives), a phantom step's hundreds
-    of ints, or ints and a payload read in place (small collectives of real cards)."""
-    board = group.fabric.rings.board
+    """``calls`` exchanges, each checked: a few ints (phantom collectives) or a phantom step's hundreds."""
     for _ in range(calls):
         seq = group.begin()
         want = [[r, seq, 10**12 + r * seq] + ([r * seq] * 131 if mode == "step" else []) for r in range(group.size)]
-        if mode == "data":
-            got = board.exchange_data(group.ranks, group.gid, 0, seq, want[group.rank], _payload(group.rank, seq))
-            assert [v for v, _ in got] == want
-            assert all(np.array_equal(d, _payload(r, seq)) for r, (_, d) in enumerate(got))
-        else:
-            assert group.exchange(seq, want[group.rank]) == want
+        assert group.exchange(seq, want[group.rank]) == want
 
 
 def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int, mode: str) -> None:
@@ -131,7 +115,7 @@ def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int, mo
     time.sleep(60)  # stays in the group until killed
 
 
-@pytest.mark.parametrize("mode", ["values", "step", "data"])
+@pytest.mark.parametrize("mode", ["values", "step"])
 def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_prefix, mode):
     run, n, calls = _run_name(shm_prefix), 3, 300
     ctx = zmq.Context()
@@ -144,7 +128,7 @@ def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_
         try:
             group = ProcessGroup(fabric, list(range(n)))
             ready.wait(30)
-            _exchanges(group, calls, mode)  # every call's values (and data), from every member, in group order
+            _exchanges(group, calls, mode)  # every call's values, from every member, in group order
             os.kill(peers[1].pid, signal.SIGKILL)
             t0 = time.monotonic()
             with pytest.raises(FabricError, match=rf"card 2 \(pid {peers[1].pid}\) died while this card waited"):
