@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from devices.cost import CostModel
 from devices.phantom import collective_call, segments
+from devices.walk import walk
 from devices.spec import DeviceSpec
 from devices.step import StepCosts, StepPlan
-from interconnect import sim
 from interconnect.emulation import memory_reduce_ns
 from rsd_runtime.compiler import CardProgram
 from rsd_runtime.model_config import ModelConfig
@@ -49,25 +49,14 @@ class SimRunner:
     def run(self, plan: StepPlan) -> tuple[None, int]:
         """(None: phantom cards return no logits; emulated end of the step, ns)."""
         n = len(self.cards)
+        segs = self.segments[0]
+        costs = [[self.costs[r].segment_ns(i, self.segments[r][i][0], plan) for i in range(len(segs))]
+                 if self.same_as[r] == r else None for r in range(n)]
+        costs = [costs[self.same_as[r]] for r in range(n)]
+        calls = [collective_call(op, self.costs[0], plan) for _, op in segs if op is not None]
         clocks = [max(c, plan.t_start) for c in self.clocks]
-        ports = self.ports
-        same = self.same_as
-        for i in range(len(self.segments[0])):
-            ns = [self.costs[r].segment_ns(i, self.segments[r][i][0], plan) if same[r] == r else None
-                  for r in range(n)]
-            for r in range(n):
-                clocks[r] += ns[same[r]]
-            op = self.segments[0][i][1]
-            if op is None or n == 1:
-                continue
-            call = collective_call(op, self.costs[0], plan)
-            states = [(clocks[r], *ports[r]) for r in range(n)]
-            out = sim.CACHE.run(call, self.cards, self.topology, self.reduce_ns, states)
-            clocks = [c for c, _, _ in out]
-            ports = [(tx if tx is not None else old[0], rx if rx is not None else old[1])
-                     for (_, tx, rx), old in zip(out, ports)]
-        self.clocks, self.ports = clocks, ports
-        return None, max(clocks)
+        self.clocks, self.ports = walk(costs, calls, self.cards, self.topology, self.reduce_ns, clocks, self.ports)
+        return None, max(self.clocks)
 
     def resync(self) -> None:
         pass
