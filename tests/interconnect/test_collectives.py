@@ -1,6 +1,8 @@
 """Collectives between real card processes, checked against numpy references."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -138,12 +140,16 @@ def test_real_time_shaping_follows_the_link_model(shm_prefix):
     """With slowdown s, a delivery takes at least s x its emulated transit on the wall clock."""
     payload = [np.arange(2 << 20, dtype=np.float32), np.zeros(2 << 20, np.float32)]  # 8 MiB
     with Cluster(num_devices=2, shm_prefix=shm_prefix, slowdown=1000.0) as c:
+        t0 = time.perf_counter_ns()
         shaped = c.collective("broadcast", payload, algo="one-shot")
+        host_wall_ns = time.perf_counter_ns() - t0  # from before the departure to after the delivery
     with Cluster(num_devices=2, shm_prefix=shm_prefix) as c:
         plain = c.collective("broadcast", payload, algo="one-shot")
     assert shaped["emu_ns"] == plain["emu_ns"]  # shaping never touches the emulated clock
     emu = shaped["emu_ns"][1]  # 8 MiB over pcie-gen5-x16: about 152 us
     assert 150_000 < emu < 160_000
-    assert shaped["wall_ns"][1] >= 0.95 * emu * 1000  # >= 144 ms of wall time
+    # >= 144 ms of wall time, on the host's span of the call: a card's own wall_ns starts when it enters
+    # the call, which under load can come after the sender's departure
+    assert host_wall_ns >= 0.95 * emu * 1000
     assert plain["wall_ns"][1] < 0.5 * emu * 1000
     np.testing.assert_array_equal(shaped["outputs"][1], payload[0])
