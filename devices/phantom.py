@@ -7,38 +7,18 @@ collectives simulate themselves from the group's entry states:
 ``interconnect.sim``). It needs no torch: a rack of phantom cards fits in a
 few GB of host memory.
 
-The stream is cut into segments: the compute ops between two collectives,
-charged as one integer sum, then the collective. ``rsd_runtime.sim_runner``
-walks the same segments for all ranks of an instance at once.
+It walks the same tasks on the same two engines as the real executor
+(``devices.schedule``, ``devices.program``); ``rsd_runtime.sim_runner`` walks
+them for all ranks of an instance at once.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from devices.cost import CostModel
-from devices.step import StepCosts, StepPlan
+from devices.program import StepProgram
+from devices.schedule import chunk_count, split_plan, walk, WHOLE
+from devices.step import StepPlan
 from interconnect import collectives as coll
-from interconnect.sim import Call
-
-COLLECTIVES = ("all_reduce", "all_gather")
-
-
-def segments(ops: list[dict]) -> list[tuple[list[dict], dict | None]]:
-    """[(compute ops, the collective that follows them or None)], in stream order."""
-    out, run = [], []
-    for op in ops:
-        if op["op"] in COLLECTIVES:
-            out.append((run, op))
-            run = []
-        else:
-            run.append(op)
-    out.append((run, None))
-    return out
-
-
-def collective_call(op: dict, costs: StepCosts, step: StepPlan) -> Call:
-    """The collective a phantom card runs for a stream op: its nominal bytes as uint8."""
-    return Call(op["op"], costs.comm_bytes(op, step), "uint8", "auto")
 
 
 class PhantomExecutor:
@@ -46,24 +26,34 @@ class PhantomExecutor:
         """``clock``: the card's emulated clock; ``shapes``: its weights' shapes by arena name."""
         self.clock = clock
         self.ops = program["ops"]
-        self.segments = segments(self.ops)
         meta = program["meta"]
-        cost = CostModel(spec, meta["weight_dtype"], meta["compute_dtype"])
-        self.costs = StepCosts(cost, meta, shapes)
+        self.program = StepProgram(self.ops, meta, spec, shapes)
         self.group = group
         self.rank = meta["tp_rank"]
         self.vocab_size = meta["vocab_size"]
 
     def step(self, step: StepPlan) -> None:
-        clock = self.clock
-        for i, (ops, op) in enumerate(self.segments):
-            clock.now += self.costs.segment_ns(i, ops, step)
-            if op is None:
-                continue
-            call = collective_call(op, self.costs, step)
+        clock, prog = self.clock, self.program
+        k = chunk_count(step, step.chunks)
+        tasks = prog.tasks(k)
+        plans = split_plan(step, k)
+
+        def plan_of(task):
+            return step if task.chunk == WHOLE else plans[task.chunk]
+
+        def compute(i, start):
+            return start + prog.compute_ns(tasks[i].ops, plan_of(tasks[i]))
+
+        def collective(i, start):
+            op = self.ops[tasks[i].ops[0]]
+            call = prog.call(op, plan_of(tasks[i]))
+            clock.now = start
             if op["op"] == "all_reduce":
                 coll.all_reduce(np.empty(call.count, np.uint8), "sum", self.group, dtype="uint8")
             else:
                 coll.all_gather(np.empty(call.count * self.group.size, np.uint8), np.empty(call.count, np.uint8),
                                 self.group, dtype="uint8")
+            return clock.now
+
+        clock.now = max(walk(tasks, clock.now, compute, collective).values())
         return None

@@ -19,9 +19,9 @@ log = logging.getLogger("rsd.deploy")
 
 
 def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, dtype: str, weight_dtype: str,
-           num_kv_blocks: int, block_size: int, progress: bool = False) -> list[CardProgram]:
+           num_kv_blocks: int, block_size: int, progress: bool = False, fusion: str = "none") -> list[CardProgram]:
     with phase(log, f"compile for tp={tp}"):
-        programs = compile_model(cfg, tp, cards)
+        programs = compile_model(cfg, tp, cards, fusion=fusion)
     check_fits(cfg, tp, cluster.spec, weight_dtype, dtype, num_kv_blocks, block_size, cards[0])
     with phase(log, "place the weight shards" if ckpt is not None else "place phantom shards (no bytes)"):
         if ckpt is not None:

@@ -60,10 +60,12 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, chunk_size: int = 256, max_model_len: int | None = None,
                  kv_utilization: float | None = None, progress: bool = True, phantom: bool = False,
                  check_weights: bool | None = None, cluster: Cluster | None = None, cards: list[int] | None = None,
-                 backend: str = "cards", topology=None, **cluster_kwargs):
+                 backend: str = "cards", topology=None, fusion: str = "none", overlap="off", **cluster_kwargs):
         """``backend="sim"`` (phantom only) runs the instance in this process on the emulated clock
         (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
-        preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology."""
+        preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology.
+        ``fusion`` (none, ops, layer) and ``overlap`` (off, on) are compiler choices
+        (``devices.fusion``, ``rsd_runtime.pipelining``); they change the schedule, not the values."""
         # bad checkpoints and impossible splits fail before any card starts
         self.timings: dict[str, float] = {}  # wall seconds of the phases: read_s, start_s, load_s, shutdown_s
         with phase(log, f"read model {model}", self.timings, "read_s"):
@@ -87,6 +89,10 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             self.eos_ids.add(self.tokenizer.eos_id)
         self.cards = list(range(tp)) if cards is None else list(cards)
+        from rsd_runtime.pipelining import parse_overlap
+
+        self.fusion, self.overlap = fusion, parse_overlap(overlap)
+        self.pipeliner = None
         if backend == "sim":
             self._start_sim(device, topology, cluster_kwargs)
             return
@@ -102,7 +108,9 @@ class LLMEngine:
             with phase(log, "load the model onto the cards", self.timings, "load_s"):
                 self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
                                        weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
-                                       block_size=block_size, progress=progress)
+                                       block_size=block_size, progress=progress, fusion=fusion)
+            if self.overlap:
+                self.pipeliner = self._pipeliner(self.cluster.spec, self.cluster.topology)
         except BaseException:
             self.close()
             raise
@@ -125,12 +133,22 @@ class LLMEngine:
                                     cluster_kwargs.get("link"),
                                     **cluster_kwargs.get("topology_options", {}))
         self.owns_cluster, self.cluster, self.spec = False, None, spec
-        self.programs = compile_model(self.cfg, self.tp, self.cards)
+        self.programs = compile_model(self.cfg, self.tp, self.cards, fusion=self.fusion)
         check_fits(self.cfg, self.tp, spec, self.weight_dtype, self.dtype, self.num_kv_blocks, self.block_size,
                    self.cards[0])
         self.runner = SimRunner(self.programs, self.cfg, spec, topology, dtype=self.dtype,
                                 weight_dtype=self.weight_dtype)
+        if self.overlap:
+            self.pipeliner = self._pipeliner(spec, topology)
         self._init_host()
+
+    def _pipeliner(self, spec, topology):
+        """The instance simulated in this process, to price each step's chunking (``--overlap on``)."""
+        from rsd_runtime.pipelining import Pipeliner
+        from rsd_runtime.sim_runner import SimRunner
+
+        return Pipeliner(SimRunner(self.programs, self.cfg, spec, topology, dtype=self.dtype,
+                                   weight_dtype=self.weight_dtype), self.overlap)
 
     def _init_host(self) -> None:
         """The host side of the engine: KV blocks, scheduler, sampler, the requests it holds."""
@@ -277,7 +295,8 @@ class LLMEngine:
             elif s.sample:
                 rows.append(row + s.num_tokens - 1)
             row += s.num_tokens
-        return StepPlan(self.emu_now, seqs, rows, None if self.phantom else np.asarray(tokens, np.int32))
+        plan = StepPlan(self.emu_now, seqs, rows, None if self.phantom else np.asarray(tokens, np.int32))
+        return plan if self.pipeliner is None else self.pipeliner.apply(plan)
 
     def _postprocess(self, batch: Batch, logits) -> list[RequestOutput]:
         sampling = [s for s in batch.seqs if s.sample]

@@ -42,14 +42,15 @@ class PerfRunner:
     def __init__(self, model: str, *, tp: int, instances: int = 1, device: str = "atom-plus",
                  dtype: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_utilization: float = 0.9, backend: str = "sim", topology: str = "switch",
-                 link: str | None = None, topology_options: dict | None = None, **cluster_kwargs):
+                 link: str | None = None, topology_options: dict | None = None, fusion: str = "none",
+                 overlap="off", **cluster_kwargs):
         _, cfg, _ = resolve_model(model, phantom=True)
         check_tp(cfg, tp)
         self.cfg, self.tp, self.instances = cfg, tp, instances
         self.spec = get_spec(device)
         n = tp * instances
         kw = dict(dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks, kv_utilization=kv_utilization,
-                  progress=False, phantom=True)
+                  progress=False, phantom=True, fusion=fusion, overlap=overlap)
         self.cluster = None
         # instances on consecutive cards (box by box on the study presets); a fixed-size topology keeps
         # all its cards, the ones past tp x instances idle
@@ -95,6 +96,8 @@ class PerfRunner:
             rows.append(row + n - 1)
             row += n
         plan = StepPlan(self.emu_now, layout, rows)
+        if self.engines[0].pipeliner is not None:  # the instances are alike: one choice for all
+            plan = self.engines[0].pipeliner.apply(plan)
         if self.cluster is None:
             end = max(e.runner.run(plan)[1] for e in self.engines)
         else:

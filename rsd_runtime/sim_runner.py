@@ -1,8 +1,8 @@
 """Running step plans of one instance in this process, on the emulated clock alone.
 
 ``SimRunner`` does what ``CardRunner`` does with phantom cards, without card
-processes: it walks the phantom executors' segments (``devices.phantom``) for
-all tp ranks at once, each rank with its own emulated clock and fabric ports,
+processes: it walks the tasks the cards walk (``devices.schedule``) for
+all tp ranks at once, each engine of each rank on its own timeline, each rank with its own emulated clock and fabric ports,
 and runs each collective through the simulation phantom cards use
 (``interconnect.sim``) from the ranks' entry states. The emulated times are
 the phantom cards' (tested step by step against card processes); a replay of
@@ -10,10 +10,10 @@ a rack runs hundreds of steps per second this way.
 """
 from __future__ import annotations
 
-from devices.cost import CostModel
-from devices.phantom import collective_call, segments
+from devices.program import StepProgram
+from devices.schedule import COMPUTE, DMA, WHOLE, chunk_count, split_plan, start_of
 from devices.spec import DeviceSpec
-from devices.step import StepCosts, StepPlan
+from devices.step import StepPlan
 from interconnect import sim
 from interconnect.emulation import memory_reduce_ns
 from rsd_runtime.compiler import CardProgram
@@ -29,45 +29,51 @@ class SimRunner:
         self.reduce_ns = memory_reduce_ns(spec.memory_bw, spec.memory_efficiency)
         self.cards = [p.card for p in programs]
         shapes = cfg.tensor_shapes()
-        cost = CostModel(spec, weight_dtype, dtype)
-        self.costs = []
+        self.progs = []
         for prog in programs:
             weights = {s.name: s.shape(shapes[s.source]) for s in prog.shards}
-            self.costs.append(StepCosts(cost, {**prog.meta, "compute_dtype": dtype, "weight_dtype": weight_dtype},
-                                        weights))
-        self.segments = [segments(p.ops) for p in programs]
-        if len({tuple((len(ops), op and op["op"]) for ops, op in segs) for segs in self.segments}) != 1:
+            meta = {**prog.meta, "compute_dtype": dtype, "weight_dtype": weight_dtype}
+            self.progs.append(StepProgram(prog.ops, meta, spec, weights))
+        if len({tuple((t.engine, len(t.ops)) for t in p.tasks(1)) for p in self.progs}) != 1:
             raise ValueError("the ranks' command streams do not line up collective for collective")
         # ranks whose streams cost the same (same op kinds and weight shapes) share one cost walk
-        sig = [tuple((op["op"], c.shapes.get(op.get("w")), op.get("b") is not None) for op in p.ops)
-               for p, c in zip(programs, self.costs)]
+        sig = [tuple((op["op"], c.costs.shapes.get(op.get("w")), op.get("b") is not None) for op in p.ops)
+               for p, c in zip(programs, self.progs)]
         self.same_as = [sig.index(s) for s in sig]
+        self.tracer = None  # optional: on_task(rank, task, start, end, plan, program) for every task
         self.clocks = [0] * len(programs)
         self.ports = [(0, 0)] * len(programs)  # (tx_free, rx_free) per rank
         self.broken = None
 
     def run(self, plan: StepPlan) -> tuple[None, int]:
         """(None: phantom cards return no logits; emulated end of the step, ns)."""
-        n = len(self.cards)
-        clocks = [max(c, plan.t_start) for c in self.clocks]
+        n, same, progs = len(self.cards), self.same_as, self.progs
+        k = chunk_count(plan, plan.chunks)
+        tasks = progs[0].tasks(k)
+        plans = split_plan(plan, k)
+        free = [{COMPUTE: t, DMA: t} for t in (max(c, plan.t_start) for c in self.clocks)]
+        ready = [[0] * len(tasks) for _ in range(n)]
         ports = self.ports
-        same = self.same_as
-        for i in range(len(self.segments[0])):
-            ns = [self.costs[r].segment_ns(i, self.segments[r][i][0], plan) if same[r] == r else None
-                  for r in range(n)]
+        for i, task in enumerate(tasks):
+            step = plan if task.chunk == WHOLE else plans[task.chunk]
+            starts = [start_of(task, free[r], ready[r]) for r in range(n)]
+            if task.engine == COMPUTE:
+                ns = [progs[r].compute_ns(task.ops, step) if same[r] == r else None for r in range(n)]
+                ends = [starts[r] + ns[same[r]] for r in range(n)]
+            else:
+                call = progs[0].call(progs[0].ops[task.ops[0]], step)
+                out = sim.CACHE.run(call, self.cards, self.topology, self.reduce_ns,
+                                    [(starts[r], *ports[r]) for r in range(n)])
+                ends = [c for c, _, _ in out]
+                ports = [(tx if tx is not None else old[0], rx if rx is not None else old[1])
+                         for (_, tx, rx), old in zip(out, ports)]
             for r in range(n):
-                clocks[r] += ns[same[r]]
-            op = self.segments[0][i][1]
-            if op is None or n == 1:
-                continue
-            call = collective_call(op, self.costs[0], plan)
-            states = [(clocks[r], *ports[r]) for r in range(n)]
-            out = sim.CACHE.run(call, self.cards, self.topology, self.reduce_ns, states)
-            clocks = [c for c, _, _ in out]
-            ports = [(tx if tx is not None else old[0], rx if rx is not None else old[1])
-                     for (_, tx, rx), old in zip(out, ports)]
-        self.clocks, self.ports = clocks, ports
-        return None, max(clocks)
+                free[r][task.engine] = ready[r][i] = ends[r]
+                if self.tracer is not None:
+                    self.tracer.on_task(r, task, starts[r], ends[r], step, progs[r])
+        self.clocks = [max(f.values()) for f in free]
+        self.ports = ports
+        return None, max(self.clocks)
 
     def resync(self) -> None:
         pass
