@@ -40,7 +40,7 @@ class SimRunner:
         sig = [tuple((op["op"], c.costs.shapes.get(op.get("w")), op.get("b") is not None) for op in p.ops)
                for p, c in zip(programs, self.progs)]
         self.same_as = [sig.index(s) for s in sig]
-        self.tracer = None  # optional: on_task(rank, task, start, end, plan, program) for every task
+        self.tracer = None  # optional: on_task(task, starts, ends, plan, programs, call) per task (``trace``)
         self.clocks = [0] * len(programs)
         self.ports = [(0, 0)] * len(programs)  # (tx_free, rx_free) per rank
         self.broken = None
@@ -57,6 +57,7 @@ class SimRunner:
         for i, task in enumerate(tasks):
             step = plan if task.chunk == WHOLE else plans[task.chunk]
             starts = [start_of(task, free[r], ready[r]) for r in range(n)]
+            call = None
             if task.engine == COMPUTE:
                 ns = [progs[r].compute_ns(task.ops, step) if same[r] == r else None for r in range(n)]
                 ends = [starts[r] + ns[same[r]] for r in range(n)]
@@ -69,8 +70,8 @@ class SimRunner:
                          for (_, tx, rx), old in zip(out, ports)]
             for r in range(n):
                 free[r][task.engine] = ready[r][i] = ends[r]
-                if self.tracer is not None:
-                    self.tracer.on_task(r, task, starts[r], ends[r], step, progs[r])
+            if self.tracer is not None:
+                self.tracer.on_task(task, starts, ends, step, progs, call)
         self.clocks = [max(f.values()) for f in free]
         self.ports = ports
         return None, max(self.clocks)
