@@ -151,7 +151,30 @@ class LLMEngine:
         """The instance simulated in this process, to price each step's chunking (``--overlap on``)."""
         from rsd_runtime.pipelining import Pipeliner
 
-        return Pipeliner(self.simulator(spec, topology), self.overlap)
+        return Pipeliner(self.simulator(spec, topology), self.overlap)  # spec None: this instance's
+
+    def set_options(self, *, fusion: str | None = None, overlap=None, host_overhead=None) -> None:
+        """Change the compiler's choices and the host's costs between steps, weights and KV cache kept:
+        the command streams are compiled again and reinstalled on the cards."""
+        from rsd_runtime.compiler import compile_model
+        from rsd_runtime.host_spec import get_host
+        from rsd_runtime.pipelining import parse_overlap
+
+        if overlap is not None:
+            self.overlap = parse_overlap(overlap)
+        if host_overhead is not None:
+            self.host = get_host(host_overhead)
+        if fusion is not None and fusion != self.fusion:
+            self.programs = compile_model(self.cfg, self.tp, self.cards, fusion=fusion)
+            self.fusion = fusion
+            if self.cluster is not None:
+                load_programs(self.cluster, self.programs, self.cfg, dtype=self.dtype, weight_dtype=self.weight_dtype,
+                              num_kv_blocks=self.num_kv_blocks, block_size=self.block_size, attach=True)
+            else:
+                clocks, ports = self.runner.clocks, self.runner.ports
+                self.runner = self.simulator()
+                self.runner.clocks, self.runner.ports = clocks, ports
+        self.pipeliner = self._pipeliner(None, None) if self.overlap else None
 
     def simulator(self, spec=None, topology=None):
         """A fresh ``SimRunner`` of this instance: its steps cost what the cards charge."""
