@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from rsd_runtime import topo_cli  # registers `topo`; imported here, as it imports this module
     COMMANDS.setdefault("topo", topo_cli.COMMAND)  # when this module runs as __main__
+    from rsd_runtime import calibrate  # registers `calibrate`, as topo_cli does
+    COMMANDS.setdefault("calibrate", calibrate.COMMAND)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _, shared) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from devices.memory import OutOfDeviceMemory, fmt_bytes
-from devices.spec import get_spec
+from devices.spec import DeviceSpec, get_spec
 from devices.step import SeqSlice, StepPlan
 from interconnect.topology import topology_for
 from rsd_runtime.cluster import Cluster
@@ -50,7 +50,7 @@ class PerfRunner:
 
         self.cfg, self.tp, self.instances = cfg, tp, instances
         self.host = get_host(host_overhead)
-        self.spec = get_spec(device)
+        self.spec = device if isinstance(device, DeviceSpec) else get_spec(device)
         n = tp * instances
         kw = dict(dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks, kv_utilization=kv_utilization,
                   progress=False, phantom=True, fusion=fusion, overlap=overlap)
