@@ -94,6 +94,22 @@ def test_host_costs_per_step_by_hand(module_cluster):
     phantom.set_options(host_overhead="off")
 
 
+def test_trace_of_real_cards_matches_their_steps(module_cluster):
+    real, _ = module_cluster
+    real.set_options(fusion="layer", overlap=2, host_overhead="off")
+    trace, devices = Trace(), []
+    real.start_trace(trace)
+    real.on_step = lambda ns, batch: devices.append(real.last_device_ns)
+    for i, p in enumerate(PROMPTS):
+        real.add_request(i, p, PARAMS)
+    while real.has_unfinished():
+        real.step()
+    real.trace = None
+    steps = [e for e in trace.events if e["ph"] == "X" and e["pid"] == 0]
+    assert len(steps) == len(devices) > 3 and [round(e["dur"] * 1000) for e in steps] == devices
+    real.set_options(fusion="none", overlap="off")
+
+
 def sim(model: str, tp: int, **kw) -> LLMEngine:
     return LLMEngine(model, tp, phantom=True, backend="sim", progress=False, num_kv_blocks=512,
                      max_num_batched_tokens=2048, chunk_size=2048, **kw)
