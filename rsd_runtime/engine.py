@@ -201,6 +201,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.on_step = None  # optional hook(emulated ns of the step, batch): benchmarks record steps with it
         self.trace = None  # a rsd_runtime.trace.Trace being drawn (start_trace)
+        self._trace_pid = 0
         self._trace_runner = None
 
     def _default_kv_blocks(self, device, max_num_seqs: int, kv_utilization: float | None) -> int:
@@ -337,30 +338,33 @@ class LLMEngine:
             self.on_step(self.emu_now - start, batch)
         return self._postprocess(batch, logits, out_time)
 
-    def start_trace(self, trace) -> None:
+    def start_trace(self, trace, *, host_pid: int = 0, card_offset: int = 0) -> None:
         """Draw every later step into ``trace`` (``rsd_runtime.trace``): the instance simulated in this
-        process gives the spans (card processes charge the same times)."""
+        process gives the spans (card processes charge the same times). Instances of a rack that number
+        their cards alike draw with their own ``host_pid`` (-i) and ``card_offset``."""
         from rsd_runtime.sim_runner import SimRunner
         from rsd_runtime.trace import SimTracer
 
         runner = self.runner
         if not isinstance(runner, SimRunner):
             runner = self._trace_runner = self.simulator()
-        runner.tracer = SimTracer(trace, self.cards)
-        self.trace = trace
+        runner.tracer = SimTracer(trace, [c + card_offset for c in self.cards])
+        self.trace, self._trace_pid = trace, host_pid
 
     def draw(self, plan: StepPlan, end: int, out_time: int, sampled: int, new: int) -> None:
         """Draw a step that ran into the trace: the cards' spans, the step, the host's work."""
         if self._trace_runner is not None:
             self._trace_runner.run(plan)
         kind = "decode" if all(s.num_tokens == 1 for s in plan.seqs) else "prefill"
-        self.trace.step(kind, plan.t_start, end, tokens=plan.num_tokens, seqs=len(plan.seqs), chunks=plan.chunks)
+        pid = self._trace_pid
+        self.trace.step(kind, plan.t_start, end, host_pid=pid, tokens=plan.num_tokens, seqs=len(plan.seqs),
+                        chunks=plan.chunks)
         host = self.host
         if host is not None:
             prep = host.prepare_ns(len(plan.seqs), new)
-            self.trace.host("prepare", plan.t_start - prep, plan.t_start)
-            self.trace.host("sample", end, end + host.sample_ns * sampled)
-            self.trace.host("detokenise", end + host.sample_ns * sampled, out_time, api=True)
+            self.trace.host("prepare", plan.t_start - prep, plan.t_start, host_pid=pid)
+            self.trace.host("sample", end, end + host.sample_ns * sampled, host_pid=pid)
+            self.trace.host("detokenise", end + host.sample_ns * sampled, out_time, api=True, host_pid=pid)
 
     def plan(self, batch: Batch, all_logits: bool = False) -> StepPlan:
         """The step plan of a batch: one row per token fed; logits for the rows that sample (or all)."""

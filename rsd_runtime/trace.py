@@ -3,7 +3,7 @@
 The Trace Event Format (the JSON object form: ``{"traceEvents": [...]}``),
 which ui.perfetto.dev and chrome://tracing open:
 
-* process 0 is the host: its steps (one span per step, on the cards' clock from
+* process 0 is the host (-i the host of instance i of a rack): its steps (one span per step, on the cards' clock from
   the plan's start to the slowest card's end), its own work when host costs are
   on (preparing a step, sampling, detokenising);
 * process 1 + c is card c, with one thread per engine: ``compute`` (every
@@ -45,13 +45,13 @@ class Trace:
         if (pid, tid) in self._named:
             return
         if not any(p == pid for p, _ in self._named):
-            name = "host" if pid == HOST_PID else f"card {pid - 1}"
+            name = f"card {pid - 1}" if pid > 0 else "host" if pid == HOST_PID else f"host of instance {-pid}"
             self.events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}})
             self.events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
                                 "args": {"sort_index": pid}})
         self._named.add((pid, tid))
         self.events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                            "args": {"name": _LABEL[(pid == HOST_PID, tid)]}})
+                            "args": {"name": _LABEL[(pid <= HOST_PID, tid)]}})
 
     def span(self, pid: int, tid: int, name: str, start: int, end: int, cat: str, **args) -> dict:
         self._track(pid, tid)
@@ -83,13 +83,13 @@ class Trace:
                                 "pid": 1 + cards[q], "tid": THREADS["dma"], "ts": _us(max(starts[q], starts[r]))})
 
     # -- what the engine reports -------------------------------------------------------------
-    def step(self, kind: str, start: int, end: int, **args) -> None:
-        self.span(HOST_PID, THREADS["steps"], kind, start, end, "step", **args)
+    def step(self, kind: str, start: int, end: int, host_pid: int = HOST_PID, **args) -> None:
+        self.span(host_pid, THREADS["steps"], kind, start, end, "step", **args)
         self.step_index += 1
 
-    def host(self, name: str, start: int, end: int, api: bool = False) -> None:
+    def host(self, name: str, start: int, end: int, api: bool = False, host_pid: int = HOST_PID) -> None:
         if end > start:
-            self.span(HOST_PID, THREADS["api" if api else "host"], name, start, end, "host")
+            self.span(host_pid, THREADS["api" if api else "host"], name, start, end, "host")
 
     def write(self, path: str) -> None:
         with open(path, "w") as f:

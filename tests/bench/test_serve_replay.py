@@ -70,3 +70,18 @@ def test_a_trace_with_a_negative_time_is_refused(tmp_path):
                      '{"prompt": [5, 6], "output_len": 4, "arrival_s": -1}\n')
     with pytest.raises(ValueError, match="trace.jsonl:2: field 'arrival_s'"):
         serve.main([*SMALL, "--phantom", "--dataset", str(trace)])
+
+
+def test_replay_trace_draws_every_instance_and_host_costs_slow_it(tmp_path):
+    args = ("--phantom", "--model", "llama3-8b", "--tp", "2", "--instances", "2", "--routing", "round-robin")
+    bare = replay(tmp_path, "bare", *args)
+    trace = tmp_path / "t.json"
+    doc = replay(tmp_path, "host", *args, "--host-overhead", "on", "--fusion", "layer", "--trace", str(trace))
+    assert doc["mean_ttft_ms"] > bare["mean_ttft_ms"] + 3.0  # 3 ms of scheduling, preparation and API per request
+    ev = json.loads(trace.read_text())["traceEvents"]
+    steps = [e for e in ev if e["ph"] == "X" and e["pid"] <= 0 and e["tid"] == 1]
+    assert {e["pid"] for e in steps} == {0, -1} and len(steps) == sum(doc["steps"])
+    names = {e["pid"]: e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"}
+    assert names == {0: "host", -1: "host of instance 1", 1: "card 0", 2: "card 1", 3: "card 2", 4: "card 3"}
+    assert {e["name"] for e in ev if e["ph"] == "X" and e["pid"] <= 0 and e["tid"] > 1} == {
+        "prepare", "sample", "detokenise"}
