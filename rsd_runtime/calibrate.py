@@ -191,11 +191,11 @@ def _args(p):
 @command("calibrate", "fit a device's efficiency factors, op overhead and host cost to measured TTFT / TPOT",
          _args, shared=("device",))
 def cmd_calibrate(args) -> int:
-    from devices.spec import get_spec
+    from devices.spec import PRESETS, get_spec
 
+    if args.device.endswith(".toml"):
+        raise ValueError(f"--device {args.device}: calibrate starts from a preset ({', '.join(PRESETS)})")
     base = get_spec(args.device)
-    if base.name.endswith(".toml"):
-        raise ValueError("--device: calibrate starts from a preset")
     points = read_points(args.measurements)
     theta, cost = fit(points, base, fit_host=args.fit_host, iters=args.iters)
     spec, host = card(base, theta)
