@@ -68,6 +68,8 @@ class StepProgram:
                 got = (sum(self.costs.time_ns(self.ops[i], step) or 0 for i in run
                            if self.ops[i]["op"] != "attention"),
                        sum(1 for i in run if self.ops[i]["op"] == "attention"))
+                if len(self._memo) > 8192:
+                    self._memo.clear()
                 self._memo[key] = got
             fixed, n_attn = got
             return fixed + n_attn * self._attention_ns(step) if n_attn else fixed
