@@ -23,10 +23,10 @@ charge the same times.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
-from devices.step import MAX_CHUNKS, SeqSlice, StepPlan  # noqa: F401 (MAX_CHUNKS: part of this API)
+from devices.step import SeqSlice, StepPlan
 
 COLLECTIVES = ("all_reduce", "all_gather")
 COMPUTE, DMA = "compute", "dma"
@@ -138,7 +138,3 @@ def walk(tasks: list[Task], t0: int, compute: Callable[[int, int], int],
         free[t.engine] = ready[i] = end
     return free
 
-
-def with_chunks(plan: StepPlan, num_chunks: int) -> StepPlan:
-    """The plan asking its cards to run their layers in ``num_chunks`` chunks."""
-    return replace(plan, chunks=num_chunks)

@@ -151,7 +151,8 @@ def _generate_args(p):
                    help="inject a fault (repeatable): kill:card=C:step=K, pause:card=C:step=K:seconds=T, "
                         "link:src=A:dst=B:bw=F:lat_us=L:from_ns=T (bandwidth x F, latency + L from emulated T)")
     add_compiler_args(p)
-    p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the run on the emulated clock")
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write a Chrome/Perfetto trace of the run on the emulated clock")
     chk = p.add_mutually_exclusive_group()
     chk.add_argument("--check-weights", dest="check_weights", action="store_true", default=None,
                      help="read every tensor first and name the first holding NaN or Inf (default: only "

@@ -1,9 +1,9 @@
 """Running step plans of one instance in this process, on the emulated clock alone.
 
 ``SimRunner`` does what ``CardRunner`` does with phantom cards, without card
-processes: it walks the tasks the cards walk (``devices.schedule``) for
-all tp ranks at once, each engine of each rank on its own timeline, each rank with its own emulated clock and fabric ports,
-and runs each collective through the simulation phantom cards use
+processes: it walks the tasks the cards walk (``devices.schedule``) for all
+tp ranks at once, each engine of each rank on its own timeline and each rank
+with its own fabric ports, and runs each collective through the simulation phantom cards use
 (``interconnect.sim``) from the ranks' entry states. The emulated times are
 the phantom cards' (tested step by step against card processes); a replay of
 a rack runs hundreds of steps per second this way.
