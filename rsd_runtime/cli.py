@@ -364,6 +364,7 @@ def _serve_args(p):
     add("--device", default="atom-plus", help=f"device preset: {', '.join(PRESETS)}")
     add("--phantom", action="store_true", help="cards account for memory and time but hold no bytes")
     add("--shm-prefix", default=shm.DEFAULT_PREFIX, help="prefix of the run's /dev/shm segments")
+    add_compiler_args(p)
     rack = p.add_argument_group("a rack: several instances behind a router (--instances K)")
     rack.add_argument("--instances", type=int, default=1,
                       help="instance servers to start, each with --tp cards of its own, behind a router on --port")
@@ -399,7 +400,7 @@ def cmd_serve(args) -> int:
     llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
                    device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   progress=False)
+                   progress=False, fusion=args.fusion, overlap=args.overlap, host_overhead=args.host_overhead)
     try:
         name = args.served_model_name or default_model_name(args.model)
         app = build_app(llm, name, model)
