@@ -2,6 +2,7 @@
 
     python -m bench.coe --switching --model llama2-7b --json coe.json --plot coe.png
     python -m bench.coe --footprint --num-experts 150 --model llama2-7b
+    python -m bench.coe --replay --device sn40l --num-experts 150 --model llama2-7b --num-prompts 200 --seed 0
 
 ``--switching``: emulated time to make one expert active on a node, i.e. to
 copy every card's shard into device memory: from each socket's DDR tier on an
@@ -12,12 +13,18 @@ against expert size for each node.
 
 ``--footprint``: cards (or sockets) needed to hold E experts, with the experts
 kept in a DDR tier and without one (every expert resident in device memory).
+
+``--replay``: a request mix over E experts with Zipf popularity served by one
+node on the emulated clock, against the same mix on that node without a DDR
+tier (``bench.coe_replay``).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import time
 
+from bench import coe_replay
 from bench.common import pyplot, write_json
 from devices.memory import fmt_bytes
 from devices.spec import get_spec
@@ -44,16 +51,20 @@ def parse_args(argv=None):
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--switching", action="store_true", help="time to switch one expert, per node")
     what.add_argument("--footprint", action="store_true", help="cards needed to hold --num-experts experts")
+    what.add_argument("--replay", action="store_true", help="a request mix over --num-experts experts, replayed")
     p.add_argument("--model", default="llama2-7b", help="model shape preset of every expert")
     p.add_argument("--num-cards", type=int, default=8, help="cards (sockets) per node; experts use them all")
     p.add_argument("--num-experts", type=int, default=150, help="experts to hold (--footprint)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "int8"],
                    help="weight dtype")
     p.add_argument("--json", metavar="PATH", help="write the records as JSON")
-    p.add_argument("--plot", metavar="PNG", help="--switching: switch time against expert size per node")
+    p.add_argument("--plot", metavar="PNG", help="--switching: switch time against expert size per node; "
+                                                 "--replay: switching time and TTFT per node")
+    coe_replay.add_args(p)
     args = p.parse_args(argv)
     if args.num_cards < 1 or args.num_experts < 1:
         p.error("--num-cards and --num-experts must be >= 1")
+    coe_replay.check_args(p, args)
     return args
 
 
@@ -129,9 +140,17 @@ def main(argv=None) -> int:
         if args.plot:
             plot(args.plot, args.num_cards, args.dtype)
             print(f"# wrote {args.plot}")
+    elif args.replay:
+        t0 = time.perf_counter()
+        records = coe_replay.replay(args)
+        coe_replay.print_table(records, args)
+        print(f"# wall time {time.perf_counter() - t0:.1f} s (the figures above are on the emulated clock)")
+        if args.plot:
+            coe_replay.plot(args.plot, records)
+            print(f"# wrote {args.plot}")
     else:
         if args.plot:
-            raise ValueError("--plot draws the --switching figures")
+            raise ValueError("--plot draws the --switching and --replay figures")
         records = footprint(args.model, args.num_experts, args.dtype)
         print(f"# footprint of {args.num_experts} x {args.model} experts in {args.dtype}")
         print(f"{'device':>17} {'experts held in':>16} {'tp':>4} {'cards':>6} {'nodes of 8':>10}")

@@ -31,7 +31,7 @@ from devices.memory import OutOfDeviceMemory
 from devices.spec import get_spec
 from interconnect.topology import topology_names
 from rsd_runtime.cli import DefaultsFormatter, add_compiler_args
-from rsd_runtime.perf import BatchTiming, PerfRunner, batch_timing
+from rsd_runtime.perf import BatchTiming, PerfRunner, batch_timing, placement_of
 
 
 def parse_args(argv=None):
@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--instances", type=int, default=1, help="tensor-parallel instances, stepped together")
     p.add_argument("--topology", default="switch", help=f"preset ({', '.join(topology_names())}) or a .toml file")
     p.add_argument("--link", help="the cards' own link (default: the topology's)")
+    p.add_argument("--placement", metavar="CARDS",
+                   help="cards of each instance, instances split by |, as '0 4|1 5' (default: consecutive cards, "
+                        "box by box: instance i on cards i*tp .. i*tp+tp-1)")
     p.add_argument("--backend", choices=["sim", "cards"], default="sim",
                    help="sim: instances in this process; cards: phantom card processes (same figures, slower)")
     p.add_argument("--input-len", type=int, default=2048)
@@ -76,14 +79,22 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if any(b < 1 for b in args.batch_size):
         p.error("--batch-size values must be >= 1")
+    if args.placement is not None:
+        try:
+            args.placement = [[int(c) for c in part.split()] for part in args.placement.split("|")]
+            placement_of(args.tp, args.instances, args.placement)
+        except ValueError as exc:
+            p.error(f"--placement: {exc}" if "placement" not in str(exc) else f"--{exc}")
     return args
 
 
 def runner(args, tp: int, instances: int) -> PerfRunner:
+    """``instances`` of ``tp`` cards: on the first groups of --placement at its tp, else consecutive cards."""
     kw = {"shm_prefix": args.shm_prefix} if args.backend == "cards" else {}
+    placement = args.placement[:instances] if args.placement and tp == args.tp else None
     return PerfRunner(args.model, tp=tp, instances=instances, device=args.device, dtype=args.dtype,
-                      backend=args.backend, topology=args.topology, link=args.link, fusion=args.fusion,
-                      overlap=args.overlap, host_overhead=args.host_overhead, **kw)
+                      backend=args.backend, topology=args.topology, link=args.link, placement=placement,
+                      fusion=args.fusion, overlap=args.overlap, host_overhead=args.host_overhead, **kw)
 
 
 def power_w(args, spec, cards: int) -> float:
@@ -95,7 +106,8 @@ def record(args, spec, r: PerfRunner, bt: BatchTiming) -> dict:
     tps = bt.tps(r.instances)
     watts = power_w(args, spec, cards)
     return {"model": args.model, "device": spec.name, "topology": args.topology, "tp": r.tp,
-            "instances": r.instances, "cards": cards, "batch": bt.batch, "input_len": args.input_len,
+            "instances": r.instances, "placement": r.placement, "cards": cards, "batch": bt.batch,
+            "input_len": args.input_len,
             "output_len": args.output_len, "emu_ttft_s": bt.ttft_ns * 1e-9, "emu_tpot_s": bt.tpot_ns * 1e-9,
             "emu_total_s": bt.total_ns * 1e-9, "emu_tps": tps, "emu_tps_per_card": tps / cards, "watts": watts,
             "emu_tps_per_watt": tps / watts,
@@ -125,6 +137,7 @@ def print_header(args, spec, r: PerfRunner, fit: int) -> None:
     print(f"# {args.model} on {args.tp} x {args.instances} {spec.name} cards (tp x instances), phantom, "
           f"{args.topology} topology; input {args.input_len}, output {args.output_len} tokens; fusion {args.fusion}, "
           f"overlap {args.overlap}, host overhead {args.host_overhead}")
+    print(f"# cards of each instance: {' | '.join(' '.join(map(str, g)) for g in r.placement)}")
     print(f"# KV cache: {r.kv_tokens()} tokens per instance, so at most {fit} sequences of "
           f"{args.input_len + args.output_len} tokens per instance: the sweep stops there")
     price = f" {'TPS/$':>9}" if args.card_price else ""
@@ -144,7 +157,9 @@ def scaling(args, spec, best_by_tp: dict[int, dict]) -> list[dict]:
     print("\n# scaling at each tp's best batch, k instances run together [emulated clock]")
     print(f"{'cards':>6} {'tp':>4} {'inst':>5} {'batch':>6} {'TPS':>10} {'TPS/card':>9} {'TPS/W':>8}")
     for tp, best in sorted(best_by_tp.items()):
-        for k in sorted({1, 2, 4, 8, args.instances}):
+        # a placement names at most --instances groups: no more are run at its tp
+        for k in sorted(k for k in {1, 2, 4, 8, args.instances} if not args.placement or tp != args.tp
+                        or k <= args.instances):
             with runner(args, tp, k) as r:
                 rec = record(args, spec, r, timing(args, r, best["batch"]))
             rows.append(rec)

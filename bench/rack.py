@@ -43,13 +43,17 @@ def add_args(p) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per instance step")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per instance step, prefill chunks included")
+    g.add_argument("--kv-utilization", type=float, default=0.9,
+                   help="share of each card's memory for weights and KV cache, vLLM's gpu_memory_utilization "
+                        "(phantom instances; with real weights the engine holds max-num-seqs x 1024 tokens)")
     g.add_argument("--router-hop-us", type=float, default=0.0,
                    help="emulated time a request spends in the router before it reaches its instance "
                         "(0: not modelled)")
     g.add_argument("--cards-per-server", type=int, default=8, help="cards per server, for power")
     g.add_argument("--server-watts", type=float, default=0.0, help="host power per server")
     g.add_argument("--card-price", type=float, help="USD per card, for TPS per dollar")
-    g.add_argument("--plot", metavar="PNG", help="draw throughput against instances and latency against rate")
+    g.add_argument("--plot", metavar="PNG", help="replay: throughput against instances and latency against rate; "
+                   "live: each request's TTFT against its send time, by the instance that served it")
     g.add_argument("--trace", metavar="FILE.json",
                    help="write a Chrome/Perfetto trace of the first (instances, rate) replayed: every instance's "
                         "cards and host on the emulated clock")
@@ -79,7 +83,8 @@ def make_engines(args, k: int) -> list:
     kw = dict(device=args.device, phantom=args.phantom, progress=False, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.max_num_batched_tokens,
               backend=args.backend if args.phantom else "cards", topology=args.topology, fusion=args.fusion,
-              overlap=args.overlap, host_overhead=args.host_overhead)
+              overlap=args.overlap, host_overhead=args.host_overhead,
+              kv_utilization=args.kv_utilization if args.phantom else None)
     return [LLMEngine(args.model, args.tp, shm_prefix=f"rsdrack{i}", **kw) if kw["backend"] == "cards"
             else LLMEngine(args.model, args.tp, **kw) for i in range(k)]
 
@@ -153,6 +158,8 @@ def run(args, goodput: dict | None) -> int:
     if any(k < 1 for k in instances):
         raise ValueError(f"--instances must be >= 1, got {args.instances}")
     rates = _list(args.request_rate, _rate, "--request-rate")
+    if not 0 < args.kv_utilization <= 1:
+        raise ValueError(f"--kv-utilization must be in (0, 1], got {args.kv_utilization}")
     spec = get_spec(args.device)
     specs = prompts(args)
     t0 = time.perf_counter()
@@ -244,20 +251,15 @@ def _scaling_table(runs: list[dict]) -> None:
 
 
 def plot(path: str, runs: list[dict], args) -> None:
-    try:
-        import matplotlib
+    from bench.common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    plt = pyplot()
     ks = sorted({r["instances"] for r in runs})
     rates = sorted({r["request_rate"] for r in runs})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     ax = axes[0]
     top = max(rates)
-    pts = [(r["cards"], r["output_throughput"]) for r in runs if r["request_rate"] == top]
-    pts.sort()
+    pts = sorted((r["cards"], r["output_throughput"]) for r in runs if r["request_rate"] == top)
     ax.plot([c for c, _ in pts], [t for _, t in pts], marker="o", label=f"measured at {top:g} req/s")
     if len(pts) > 1:
         c0, t0 = pts[0]
@@ -267,20 +269,23 @@ def plot(path: str, runs: list[dict], args) -> None:
     ax.legend(fontsize=8)
     ax = axes[1]
     for n, k in enumerate(ks):
-        color = f"C{n}"
         rs = sorted((r for r in runs if r["instances"] == k and math.isfinite(r["request_rate"])),
                     key=lambda r: r["request_rate"])
         if rs:
-            ax.plot([r["request_rate"] for r in rs], [r["mean_ttft_ms"] for r in rs], marker="o", color=color,
-                    label=f"{k} inst. mean TTFT")
-            ax.plot([r["request_rate"] for r in rs], [r["p99_ttft_ms"] for r in rs], marker="x", ls=":",
-                    color=color, label=f"{k} inst. p99 TTFT")
+            x = [r["request_rate"] for r in rs]
+            ax.plot(x, [r["mean_ttft_ms"] for r in rs], marker="o", color=f"C{n}", label=f"{k} inst. mean")
+            ax.plot(x, [r["p99_ttft_ms"] for r in rs], marker="x", ls=":", color=f"C{n}", label=f"{k} inst. p99")
     ax.set(xlabel="request rate (req/s)", ylabel="TTFT (ms)", title="latency against load", yscale="log")
+    ax.set_xscale("log", base=2)
     if ax.lines:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
     for a in axes:
         a.grid(True, alpha=0.3)
-    fig.suptitle(f"{args.model} on {args.device}, tp={args.tp}, {args.routing}, emulated clock", fontsize=9)
+    work = (f"{args.dataset}" if args.dataset else
+            f"{args.num_prompts} requests of {args.input_len} in / {args.output_len} out")
+    fig.suptitle(f"{args.model} on {args.device}, tp={args.tp}, {args.routing}, {work}; "
+                 f"every point measured, emulated clock", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
     print(f"# wrote {path}")

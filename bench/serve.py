@@ -19,6 +19,7 @@ import asyncio
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -54,6 +55,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-offline", action="store_true",
                    help="also run LLM.generate on the same prompts and print the tokens/s ratio")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --compare-offline: server and offline passes alternate this many times, both kept "
+                        "running, and the median ratio is reported (a busy host's noise is shared by each pair)")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     rack.add_args(p)
@@ -69,6 +73,8 @@ def parse_args(argv):
         p.error(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     if args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
 
 
@@ -81,6 +87,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec
     last = None
     try:
         async with client.stream("POST", url, json=body) as r:
+            res.instance = r.headers.get("x-rsd-instance")
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
                 return res
@@ -138,7 +145,9 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
         async def one(spec, at):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             async with sem:
+                sent = time.perf_counter() - t0
                 r = await send(client, url, model, spec)
+                r.sent_s = sent
             bar.update(1)
             return r
 
@@ -149,20 +158,29 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
     return list(results), duration
 
 
-def offline_tokens_per_s(args, specs: list[PromptSpec]) -> dict:
-    """LLM.generate on the same prompts in this process: output tokens per second, wall clock."""
-    from rsd_runtime.llm import LLM
-    from rsd_runtime.sampling import SamplingParams
+class Offline:
+    """LLM.generate on the same prompts in this process, kept up between passes."""
 
-    with LLM(args.model, tensor_parallel_size=args.tp, phantom=args.phantom, progress=False,
-             shm_prefix="rsdbs" + str(os.getpid())) as llm:
-        llm.generate([specs[0].prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
-        params = [SamplingParams(max_tokens=s.output_len, temperature=0, ignore_eos=True) for s in specs]
+    def __init__(self, args, specs: list[PromptSpec]):
+        from rsd_runtime.llm import LLM
+        from rsd_runtime.sampling import SamplingParams
+
+        self.specs = specs
+        self.params = [SamplingParams(max_tokens=s.output_len, temperature=0, ignore_eos=True) for s in specs]
+        self.llm = LLM(args.model, tensor_parallel_size=args.tp, phantom=args.phantom, progress=False,
+                       shm_prefix="rsdbs" + str(os.getpid()))
+        self.llm.generate([specs[0].prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+
+    def run(self) -> dict:
+        """One pass: output tokens per second, wall clock."""
         t0 = time.perf_counter()
-        outs = llm.generate([s.prompt for s in specs], params)
+        outs = self.llm.generate([s.prompt for s in self.specs], self.params)
         duration = time.perf_counter() - t0
-    tokens = sum(len(o.token_ids) for o in outs)
-    return {"duration": duration, "total_output_tokens": tokens, "output_throughput": tokens / duration}
+        tokens = sum(len(o.token_ids) for o in outs)
+        return {"duration": duration, "total_output_tokens": tokens, "output_throughput": tokens / duration}
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 def model_info(base_url: str) -> dict:
@@ -194,8 +212,23 @@ def main(argv=None) -> int:
                                       args.seed)
         times = schedule(specs, args.request_rate, args.burstiness, args.seed)
         load_before = os.getloadavg()
-        results, duration = asyncio.run(run(base_url, info["id"], specs, times, args.max_concurrency,
-                                            not args.disable_tqdm))
+        offline = Offline(args, specs) if args.compare_offline else None
+        try:
+            results, duration = asyncio.run(run(base_url, info["id"], specs, times, args.max_concurrency,
+                                                not args.disable_tqdm))
+            rounds = []
+            for i in range(args.rounds if offline else 0):
+                if i:  # the first server pass is the one the tables report
+                    again, took = asyncio.run(run(base_url, info["id"], specs, times, args.max_concurrency, False))
+                    server_tps = summarize(again, took, goodput)["output_throughput"]
+                else:
+                    server_tps = summarize(results, duration, goodput)["output_throughput"]
+                off = offline.run()
+                rounds.append({"server_output_throughput": server_tps, **off,
+                               "server_over_offline": server_tps / off["output_throughput"]})
+        finally:
+            if offline is not None:
+                offline.close()
     finally:
         if server is not None:
             server.stop()
@@ -210,17 +243,31 @@ def main(argv=None) -> int:
            "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "seed": args.seed,
            "goodput_objectives_ms": goodput, **summary, "clock": "wall", "emulated": emulated,
            "loadavg": {"before": load_before, "after": os.getloadavg()}, "cpus": os.cpu_count()}
-    if args.compare_offline:
-        offline = offline_tokens_per_s(args, specs)
-        ratio = summary["output_throughput"] / offline["output_throughput"]
-        doc["offline"] = {**offline, "clock": "wall", "server_over_offline": ratio, "loadavg": os.getloadavg()}
-        print(f"output tokens/s, wall clock: server {summary['output_throughput']:.1f}, LLM.generate "
-              f"{offline['output_throughput']:.1f}, ratio {ratio:.3f}  (loadavg {_load()} on {os.cpu_count()} cpus)")
+    if rounds:
+        ratio = statistics.median(r["server_over_offline"] for r in rounds)
+        doc["offline"] = {"rounds": rounds, "clock": "wall", "server_over_offline": ratio,
+                          "loadavg": os.getloadavg()}
+        for i, r in enumerate(rounds):
+            print(f"round {i}: output tokens/s, wall clock: server {r['server_output_throughput']:.1f}, "
+                  f"LLM.generate {r['output_throughput']:.1f}, ratio {r['server_over_offline']:.3f}")
+        print(f"server / LLM.generate output tokens/s, wall clock: median ratio {ratio:.3f} over {len(rounds)} "
+              f"round(s)  (loadavg {_load()} on {os.cpu_count()} cpus)")
+    served = {}
+    for r in results:
+        if r.instance:
+            served[r.instance] = served.get(r.instance, 0) + 1
+    if served:
+        doc["served_per_instance"] = dict(sorted(served.items()))
+        print("served per instance: " + ", ".join(f"{k} {v}" for k, v in sorted(served.items())))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}")
+    if args.plot:
+        from bench.serve_plot import plot_live
+
+        plot_live(args.plot, results, f"{base_url}, {info['id']}, {args.request_rate:g} req/s")
     return 0 if not failures else 1
 
 

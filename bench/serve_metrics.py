@@ -29,6 +29,8 @@ class RequestResult:
     latency_s: float = 0.0
     error: str = ""
     emulated: dict | None = None  # the timings the server reported on the emulated clock (emu_*_s keys)
+    instance: str | None = None  # the x-rsd-instance header of a rack's answer
+    sent_s: float = 0.0  # when the request was sent, from the start of the run
 
     @property
     def tpot_s(self) -> float | None:

@@ -31,17 +31,22 @@ class ArenaError(KeyError):
 
 
 class WeightArena:
-    def __init__(self, run: str, card: int, memory: DeviceMemory, *, attach: bool = False, backed: bool = True):
+    """``kind``: what the data segment holds, ``weights`` (device memory) or a staging tier (``ddr``,
+    ``host``), each with its own manifest; ``memory`` enforces that store's capacity."""
+
+    def __init__(self, run: str, card: int, memory: DeviceMemory, *, attach: bool = False, backed: bool = True,
+                 kind: str = "weights"):
         self.card = card
         self.memory = memory
         self.backed = backed
         self.entries: dict[str, list] = {}  # name -> [offset, dtype, shape, nbytes]
         self.meta: dict = {}  # other persistent card state (the KV layout, ...)
         create = not attach
-        self.manifest = Segment(segment_name(run, card, "manifest"), _HDR.size + 2 * MANIFEST_SLOT, create=create)
+        manifest = "manifest" if kind == "weights" else f"{kind}manifest"
+        self.manifest = Segment(segment_name(run, card, manifest), _HDR.size + 2 * MANIFEST_SLOT, create=create)
         self.data = None
         if backed:
-            self.data = Segment(segment_name(run, card, "weights"), memory.capacity, create=create)
+            self.data = Segment(segment_name(run, card, kind), memory.capacity, create=create)
         if attach:
             self._load_manifest()
         else:
@@ -133,6 +138,10 @@ class WeightArena:
         if src.nbytes != dst.nbytes:
             raise ArenaError(f"card {self.card}: {name!r} holds {dst.nbytes} bytes, payload has {src.nbytes}")
         dst[:] = np.frombuffer(src, np.uint8)
+
+    def names_under(self, prefix: str) -> dict[str, str]:
+        """Tensors whose names start with ``prefix``: name without it -> name in the arena."""
+        return {n[len(prefix):]: n for n in self.entries if n.startswith(prefix)}
 
     def tensor(self, name: str, *, as_torch: bool = False):
         _, dtype, shape, _ = self._entry(name)

@@ -37,10 +37,11 @@ class Executor:
         self.window = m.get("sliding_window")
         self.freq = rope.inv_freq(self.hd, m["rope_theta"], m.get("rope_scaling"))
         self.w: dict[str, torch.Tensor] = {}
-        for name in card.arena.entries:
-            t = card.arena.tensor(name, as_torch=True)
+        names = card.arena.names_under(m.get("weight_prefix", ""))  # one expert's weights when many are resident
+        for name, stored in names.items():
+            t = card.arena.tensor(stored, as_torch=True)
             self.w[name] = t if t.dtype == self.dtype else t.to(self.dtype)
-        shapes = {n: tuple(e[2]) for n, e in card.arena.entries.items()}
+        shapes = {n: tuple(card.arena.entries[a][2]) for n, a in names.items()}
         self.program = StepProgram(self.ops, m, card.spec, shapes)
         self.kv = card.kv.tensors()
 

@@ -30,7 +30,8 @@ class InferenceOps:
         if card.phantom:
             from devices.phantom import PhantomExecutor
 
-            shapes = {n: tuple(e[2]) for n, e in card.arena.entries.items()}
+            names = card.arena.names_under(meta.get("weight_prefix", ""))
+            shapes = {n: tuple(card.arena.entries[a][2]) for n, a in names.items()}
             self.executor = PhantomExecutor(card.clock, card.spec, shapes, h["program"], group)
         else:
             import torch

@@ -17,6 +17,7 @@ import threading
 import psutil
 
 from devices.shm import remove_run
+from interconnect.segment import CREATE_LOCK
 
 log = logging.getLogger("rsd.card")
 EXIT_HOST_GONE = 3
@@ -76,6 +77,7 @@ def watch_host(pid: int, run: str, run_dir: str | None, card: int) -> threading.
     def watch():
         if wait_for_exit(pid, stop):
             log.error("card %d: host (pid %d) is gone; removing run %s and exiting", card, pid, run)
+            CREATE_LOCK.acquire()  # never released: a card still starting up creates no segment after this
             clean_up_run(run, run_dir)
             os._exit(EXIT_HOST_GONE)
 

@@ -27,6 +27,7 @@ import zmq
 from devices import fields
 from devices.arena import WeightArena
 from devices.collective_ops import CollectiveOps
+from devices.expert_ops import ExpertOps
 from devices.inference_ops import InferenceOps
 from devices.faults import CardFault, CardFaults
 from devices.kv_cache import KVCacheStore, KVLayout
@@ -85,6 +86,8 @@ class Card:
         self.handlers.update(self.collectives.handlers())
         self.inference = InferenceOps(self)
         self.handlers.update(self.inference.handlers())
+        self.experts = ExpertOps(self)
+        self.handlers.update(self.experts.handlers())
 
     # -- ops: each takes (header, frames) and returns (reply fields, frames) --
     def op_status(self, h, frames):
@@ -106,20 +109,22 @@ class Card:
         }, []
 
     def op_put(self, h, frames):
+        """Place a tensor in device memory, or with ``tier`` in a staging tier (``devices.expert_ops``)."""
         name, dtype, shape = fields.text(h, "name"), wire.check_dtype(h.get("dtype")), fields.shape(h)
+        store = self.arena if h.get("tier") is None else self.experts.store(fields.text(h, "tier"))
         if self.phantom and not frames:  # a phantom card only accounts for the tensor
-            self.arena.allocate(name, dtype, shape)
-            return self.arena.describe(name), []
+            store.allocate(name, dtype, shape)
+            return store.describe(name), []
         if len(frames) != 1:
             raise wire.WireError(f"put of {name!r} needs exactly one payload frame, got {len(frames)}")
-        self.arena.allocate(name, dtype, shape)
+        store.allocate(name, dtype, shape)
         if not self.phantom:
             try:
-                self.arena.write(name, frames[0].buffer)
+                store.write(name, frames[0].buffer)
             except Exception:
-                self.arena.free(name)
+                store.free(name)
                 raise
-        return self.arena.describe(name), []
+        return store.describe(name), []
 
     def op_get(self, h, frames):
         name = fields.text(h, "name")
@@ -307,5 +312,6 @@ def main(argv=None) -> int:
     finally:
         lifeline.set()
         card.arena.close()
+        card.experts.close()
         ctx.destroy(linger=0)
     return 0

@@ -32,7 +32,7 @@ class Board:
 
     def reset(self) -> None:
         """Forget every entry (the group call numbers restart, or a peer has a new inbox)."""
-        self.path.inbox.board[...] = 0
+        self.path.inbox.board[:, :, :3] = 0  # gid, epoch, seq: no entry matches
         self.rows.clear()
         self.peer_rows.clear()
 
@@ -41,12 +41,11 @@ class Board:
 
     def exchange(self, cards: list[int], gid: int, epoch: int, seq: int, values: list[int]) -> list[list[int]]:
         """Every card's ``values`` for call ``seq`` of group ``gid``, in the order of ``cards``."""
-        from interconnect.fabric import FabricError, FabricTimeout
-
         path, me = self.path, self.path.fabric.rank
         row = self.rows.setdefault(gid, len(self.rows))
         entry = path.inbox.board[row, seq % 2]
-        entry[3:3 + len(values)] = values
+        n = len(values)
+        entry[3:3 + n] = values
         entry[0], entry[1] = gid, epoch
         entry[2] = seq  # last: commits the entry
         peers = [c for c in cards if c != me]
@@ -54,20 +53,25 @@ class Board:
         for box in boxes.values():
             box.wake()
         got = {me: list(values)}
-        pending = [c for c in peers if not self._read(c, boxes[c], gid, epoch, seq, len(values), got)]
-        if not pending:
-            return [got[c] for c in cards]
+        key = (gid, epoch, seq, n)
+        pending = [c for c in peers if not self._read(c, boxes[c], key, got)]
+        if pending:
+            self._wait(pending, boxes, key, got)
+        return [got[c] for c in cards]
+
+    def _wait(self, pending: list[int], boxes: dict, key: tuple, got: dict) -> None:
+        from interconnect.fabric import FabricError, FabricTimeout
+
+        path, me, seq = self.path, self.path.fabric.rank, key[2]
         inbox, fabric = path.inbox, path.fabric
         deadline = time.monotonic() + fabric.recv_timeout
         slice_s = FIRST_SLICE_S
         while pending:
-            inbox.sleeping(True)
             seen = inbox.doorbell()
-            pending = [c for c in pending if not self._read(c, boxes[c], gid, epoch, seq, len(values), got)]
+            pending = [c for c in pending if not self._read(c, boxes[c], key, got)]
             if pending:
                 inbox.sleep(seen, slice_s)
-            inbox.sleeping(False)
-            pending = [c for c in pending if not self._read(c, boxes[c], gid, epoch, seq, len(values), got)]
+            pending = [c for c in pending if not self._read(c, boxes[c], key, got)]
             if not pending:
                 break
             if slice_s < SLICE_S:
@@ -81,9 +85,9 @@ class Board:
             if time.monotonic() > deadline:
                 raise FabricTimeout(f"card {me}: waited {fabric.recv_timeout:.0f} s for the entry states of "
                                     f"cards {pending} (group call {seq})")
-        return [got[c] for c in cards]
 
-    def _read(self, card: int, box, gid: int, epoch: int, seq: int, n: int, got: dict) -> bool:
+    def _read(self, card: int, box, key: tuple, got: dict) -> bool:
+        gid, epoch, seq, n = key
         board = box.board
         row = self.peer_rows.get((card, gid))
         if row is None:

@@ -95,7 +95,8 @@ def all_gather(output: np.ndarray, input: np.ndarray, group: ProcessGroup = None
         return
     seq = group.begin()
     c = input.size
-    output[group.rank * c:(group.rank + 1) * c] = input
+    if not group.phantom:  # phantom buffers stay untouched: they cost no memory
+        output[group.rank * c:(group.rank + 1) * c] = input
     if n > 1 and c:
         _algo(group, "all_gather", output.nbytes, algo).all_gather(group, output, dtype, seq)
 
@@ -119,7 +120,8 @@ def reduce_scatter(output: np.ndarray, input: np.ndarray, op=ReduceOp.SUM, group
         if n > 1 and output.size:
             _algo(group, "reduce_scatter", input.nbytes, algo).reduce_scatter(group, work, op, dtype, seq)
         a, b = split(work.size, n)[group.rank]
-        output[...] = work[a:b]
+        if not group.phantom:
+            output[...] = work[a:b]
     finally:
         group.release(work)
     if op is ReduceOp.AVG and not group.phantom:
@@ -155,7 +157,7 @@ def reduce(buf: np.ndarray, dst: int, op=ReduceOp.SUM, group: ProcessGroup = Non
         work = group.copy(buf)
         try:
             _algo(group, "reduce", buf.nbytes, algo).reduce(group, work, dst, op, dtype, seq)
-            if group.rank == dst:
+            if group.rank == dst and not group.phantom:
                 buf[...] = work
         finally:
             group.release(work)

@@ -53,6 +53,9 @@ def all_reduce(g: ProcessGroup, buf: np.ndarray, op: ReduceOp, dtype: str, seq: 
         a, b = halves[t]
         num = min(MAX_PIECES, max(1, -(-(b - a) * buf.itemsize // PIPELINE_BYTES)), max(1, b - a))
         plan.append((t, parents[g.rank], children(parents, g.rank), [(a + s, a + e) for s, e in split(b - a, num)]))
+    # up: first the tree where this rank is a leaf (a send that waits for nothing), so that no rank's
+    # receive in one tree holds back what it owes the other; down: first the tree where it forwards
+    plan.sort(key=lambda p: (len(p[2]) > 0, p[0]))
     pending = Pending()
     for i in range(max(len(p[3]) for p in plan)):
         for t, parent, kids, pieces in plan:  # up: reduce the children's piece i, pass it on
@@ -62,7 +65,7 @@ def all_reduce(g: ProcessGroup, buf: np.ndarray, op: ReduceOp, dtype: str, seq: 
                     g.recv_reduce(child, g.tag(seq, t, 0, i), buf[s:e], op, dtype)
                 if parent is not None:
                     pending.add((t, i), g.send(parent, g.tag(seq, t, 0, i), buf[s:e], flows))
-        for t, parent, kids, pieces in plan:  # down: take the result of piece i, hand it down
+        for t, parent, kids, pieces in reversed(plan):  # down: take the result of piece i, hand it down
             if i < len(pieces):
                 s, e = pieces[i]
                 if parent is not None:

@@ -12,8 +12,11 @@ bandwidth) and the path latency (``lat``), all integer nanoseconds.
   applied in the order the program asks for them, never in the order the host
   happened to deliver them, so emulated figures do not depend on host load.
 * The waiting card's clock becomes ``max(clock, arrival)``.
-* Shared links past a card's own ports (switch uplinks, NICs) give each flow
-  of one collective step an equal share of their bandwidth (``Topology``).
+* Every link a message crosses (switch uplinks, cables, root complexes, NICs)
+  is shared by max-min fairness among the flows running at the same emulated
+  time: the collective step's own flows (every channel of a multi-ring call,
+  both trees of a double binary tree) and the same step of every other
+  instance on the fabric (``Topology``, ``topo_tenants``).
 * A reduction of a received message runs on the card at memory bandwidth and
   is pipelined with the transfer in ``REDUCE_SLICE`` pieces, as reduce-copy
   kernels and DMA engines with in-line reduction do: it starts with the first

@@ -24,9 +24,11 @@ def _reduce_in_order(g: ProcessGroup, mine: np.ndarray, acc: np.ndarray, tag_of,
     first = True
     for r in range(g.size):
         if r == g.rank:
-            if first:
+            if g.phantom:  # phantom buffers stay untouched
+                pass
+            elif first:
                 acc[...] = mine
-            elif not g.phantom:
+            else:
                 red.reduce_into(acc, mine, op, dtype)
         elif first:
             g.recv_into(r, tag_of(r), acc, dtype)
@@ -44,7 +46,8 @@ def all_reduce(g: ProcessGroup, buf: np.ndarray, op: ReduceOp, dtype: str, seq: 
     acc = np.empty_like(buf)  # never sent: no need for a registered buffer
     _reduce_in_order(g, buf, acc, lambda r: g.tag(seq, 0, r), op, dtype)
     pending.settle_all()
-    buf[...] = acc
+    if not g.phantom:
+        buf[...] = acc
 
 
 def all_gather(g: ProcessGroup, out: np.ndarray, dtype: str, seq: int) -> None:
@@ -71,7 +74,7 @@ def reduce_scatter(g: ProcessGroup, work: np.ndarray, op: ReduceOp, dtype: str, 
             a, b = chunks[r]
             pending.add(r, g.send(r, g.tag(seq, 0, g.rank), work[a:b], flows))
     a, b = chunks[g.rank]
-    mine = work[a:b].copy()
+    mine = work[a:b] if g.phantom else work[a:b].copy()
     _reduce_in_order(g, mine, work[a:b], lambda r: g.tag(seq, 0, r), op, dtype)
     pending.settle_all()
 
@@ -92,5 +95,5 @@ def reduce(g: ProcessGroup, work: np.ndarray, dst: int, op: ReduceOp, dtype: str
     if g.rank != dst:
         g.send(dst, g.tag(seq, 0, g.rank), work, g.flows((r, dst) for r in range(g.size) if r != dst)).wait()
         return
-    mine = work.copy()
+    mine = work if g.phantom else work.copy()
     _reduce_in_order(g, mine, work, lambda r: g.tag(seq, 0, r), op, dtype)

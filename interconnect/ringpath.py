@@ -115,13 +115,10 @@ class RingPath:
         deadline = time.monotonic() + fabric.recv_timeout
         slice_s = FIRST_SLICE_S
         while True:
-            inbox.sleeping(True)
             seen = inbox.doorbell()
             if self.drain():
-                inbox.sleeping(False)
                 return
             inbox.sleep(seen, slice_s)
-            inbox.sleeping(False)
             if self.drain():
                 return
             if slice_s < SLICE_S:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from pathlib import Path
 
 SHM_DIR = Path(os.environ.get("RSD_SHM_DIR", "/dev/shm"))
+# Held while a segment's name is created. A card whose host is gone takes it for good before it
+# removes the run's segments and exits, so that no segment can be created after that removal.
+CREATE_LOCK = threading.Lock()
 
 
 class SegmentError(RuntimeError):
@@ -25,7 +29,11 @@ class Segment:
         self.path = SHM_DIR / name
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
-            fd = os.open(self.path, flags, 0o600)
+            if create:
+                with CREATE_LOCK:
+                    fd = os.open(self.path, flags, 0o600)
+            else:
+                fd = os.open(self.path, flags, 0o600)
         except FileExistsError:
             raise SegmentError(
                 f"shared-memory segment {self.path} already exists; it belongs to another run "

@@ -17,8 +17,9 @@ every channel they cross by max-min fairness (`topo_maxmin`). A card's port
 sends (receives) one message at a time, queueing the rest (see
 interconnect.emulation), so on each channel the flows count as
 min(distinct senders, distinct receivers) concurrent streams, spread evenly
-over the flows: several flows from one sender are one stream. All times are
-integer nanoseconds; rates are exact fractions.
+over the flows: several flows from one sender are one stream. Instances that
+share the fabric (``tenants``, see ``topo_tenants``) add the same step's flows
+on their own cards. All times are integer nanoseconds; rates are exact fractions.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from functools import lru_cache
 
 import networkx as nx
 
-from interconnect import topo_presets, topo_toml
+from interconnect import topo_presets, topo_tenants, topo_toml
 from interconnect.links import LinkSpec, exact_gbps, get_link, serialise_ns
 from interconnect.topo_graph import CPU, FABRIC, NET_SWITCH, NIC, ROOT_PORT, SOCKET, SWITCH, tree_view
 from interconnect.topo_maxmin import max_min_rates
@@ -87,12 +88,13 @@ class Topology:
     plus ceil(nbytes / its max-min rate on the stage).
     """
 
-    def __init__(self, graph: nx.Graph, name: str, link: LinkSpec):
+    def __init__(self, graph: nx.Graph, name: str, link: LinkSpec, tenants=()):
         self.graph = graph
         self.name = name
         self.link = link  # the cards' own link
         self.cards: list[str] = graph.graph["cards"]
         self.num_cards = len(self.cards)
+        self.tenants = topo_tenants.check(tenants, self.num_cards)  # groups of cards stepped together
         self._tree = tree_view(graph)
         self._hops: dict[tuple[str, str], Hop] = {}
         self._channel_ids: dict[LinkId, int] = {}
@@ -102,7 +104,12 @@ class Topology:
         self._rates = lru_cache(maxsize=256)(self._rates_uncached)
 
     def __repr__(self) -> str:
-        return f"Topology({self.name!r}, num_cards={self.num_cards}, link={self.link.name!r})"
+        tenants = f", tenants={[list(t) for t in self.tenants]}" if self.tenants else ""
+        return f"Topology({self.name!r}, num_cards={self.num_cards}, link={self.link.name!r}{tenants})"
+
+    def with_tenants(self, tenants) -> "Topology":
+        """The same fabric shared by instances on these groups of cards, stepped together."""
+        return Topology(self.graph, self.name, self.link, tenants)
 
     # -- routes ----------------------------------------------------------------
     def _check_card(self, card: int) -> None:
@@ -216,10 +223,12 @@ class Topology:
         return max_min_rates(paths, capacity, weight, caps)
 
     def _flow_rates(self, flows: Iterable[Flow]) -> dict[tuple[Flow, int], Fraction]:
-        return self._rates(tuple(dict.fromkeys((s, d) for s, d in flows)))
+        own = tuple(dict.fromkeys((s, d) for s, d in flows))
+        return self._rates(tuple(dict.fromkeys(topo_tenants.concurrent(self.tenants, own))))
 
     def flow_bandwidth(self, flows: list[Flow]) -> dict[Flow, float]:
-        """GB/s each flow gets while all `flows` run at once (max-min fair over every channel).
+        """GB/s each flow gets while all `flows` run at once (max-min fair over every channel),
+        beside the same flows on the other tenants.
 
         A pair listed twice counts once: its messages share both card ports.
         This is the slowest stage's rate, not end-to-end goodput: for a
@@ -245,33 +254,36 @@ class Topology:
                    for i, stage in enumerate(self._stages(src, dst)))
 
 
-def get_topology(name: str, num_cards: int | None, link: str | LinkSpec | None = None, **options) -> Topology:
+def get_topology(name: str, num_cards: int | None, link: str | LinkSpec | None = None, *, tenants=(),
+                 **options) -> Topology:
     """A preset by name (see `topology_names`), or a graph from a TOML file (a path ending in .toml).
 
     link: the cards' own link (default: the preset's, pcie-gen5-x16 for the
     original four). num_cards None takes a fixed-size preset's or the file's
-    own count. options: host_latency_ns (host-staged), cards_per_leaf and
-    uplink (switch-tree), cards_per_node and network (multi-node).
+    own count. tenants: groups of cards of instances stepped together (see
+    `topo_tenants`). options: host_latency_ns (host-staged), cards_per_leaf
+    and uplink (switch-tree), cards_per_node and network (multi-node).
     """
     spec = None if link is None else link if isinstance(link, LinkSpec) else get_link(link)
     if str(name).endswith(".toml"):
         if options:
             raise ValueError(f"{name}: a topology file takes no options, got {sorted(options)}")
         graph, file_name, card_link = topo_toml.load(name, spec)
-        topo = Topology(graph, file_name, card_link)
+        topo = Topology(graph, file_name, card_link, tenants)
     else:
         graph, card_link = topo_presets.build(name, num_cards, spec, **options)
-        topo = Topology(graph, name, card_link)
+        topo = Topology(graph, name, card_link, tenants)
     if num_cards is not None and topo.num_cards != num_cards:
         raise ValueError(f"topology {name} has {topo.num_cards} cards, not {num_cards}")
     return topo
 
 
-def topology_for(name: str, num_cards: int, link: str | LinkSpec | None = None, **options) -> Topology:
+def topology_for(name: str, num_cards: int, link: str | LinkSpec | None = None, *, tenants=(),
+                 **options) -> Topology:
     """A topology that holds ``num_cards`` cards or more: a fixed-size preset or a file keeps its own
     cards (the caller uses the first ``num_cards``), any other preset is built for ``num_cards``."""
     fixed = str(name).endswith(".toml") or topo_presets.get(name).size is not None
-    topo = get_topology(name, None if fixed else num_cards, link, **options)
+    topo = get_topology(name, None if fixed else num_cards, link, tenants=tenants, **options)
     if topo.num_cards < num_cards:
         raise ValueError(f"topology {topo.name} has {topo.num_cards} cards, fewer than the {num_cards} asked for")
     return topo

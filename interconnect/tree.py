@@ -80,9 +80,13 @@ def all_gather(g: ProcessGroup, out: np.ndarray, dtype: str, seq: int) -> None:
         block = np.empty(piece * len(ranks), out.dtype)
         g.recv_into(h.rank_of(c), g.tag(seq, 0, h.rank_of(c)), block, dtype)
         for i, r in enumerate(ranks):
-            out[r * piece:(r + 1) * piece] = block[i * piece:(i + 1) * piece]
+            if not g.phantom:
+                out[r * piece:(r + 1) * piece] = block[i * piece:(i + 1) * piece]
     if h.parent is not None:
-        mine = np.concatenate([out[r * piece:(r + 1) * piece] for r in h.subtree()]) if piece else out[:0]
+        if g.phantom:  # phantom buffers stay untouched
+            mine = np.empty(piece * len(h.subtree()), out.dtype)
+        else:
+            mine = np.concatenate([out[r * piece:(r + 1) * piece] for r in h.subtree()]) if piece else out[:0]
         g.send(h.parent, g.tag(seq, 0, g.rank), mine, h.up_flows()).wait()
     broadcast(g, out, 0, dtype, seq)
 

@@ -82,10 +82,11 @@ class AsyncLLM:
 
     # -- callers (any thread, any event loop) -------------------------------------------------
     async def generate(self, prompt, params: SamplingParams | None = None, request_id=None, *,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, model: str | None = None) -> AsyncIterator[RequestOutput]:
         """Deltas of one request; raises ValueError at once if the request is invalid,
-        ``Overloaded`` if the waiting queue is full, ``EngineError`` if the cards fail under it."""
-        stream = self.add_request(prompt, params, request_id, arrival_time=arrival_time)
+        ``Overloaded`` if the waiting queue is full, ``EngineError`` if the cards fail under it.
+        ``model``: the model of an engine that serves several (``CoEEngine``)."""
+        stream = self.add_request(prompt, params, request_id, arrival_time=arrival_time, model=model)
         try:
             async for out in stream:
                 yield out
@@ -93,7 +94,7 @@ class AsyncLLM:
             stream.close()
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id=None, *,
-                    arrival_time: float | None = None) -> "RequestStream":
+                    arrival_time: float | None = None, model: str | None = None) -> "RequestStream":
         """Queue a request now (from a running event loop) and return its stream of deltas.
 
         Raises at once, before anything is queued: ValueError or TypeError if the request is
@@ -102,13 +103,14 @@ class AsyncLLM:
         closing it early aborts the request."""
         params = params or SamplingParams()
         self.check_ready()
-        self.engine.validate(prompt, params)
+        which = {} if model is None else {"model": model}
+        self.engine.validate(prompt, params, **which)
         if self.max_waiting is not None and self._queued >= self.max_waiting:
             raise Overloaded(f"{self._queued} requests are waiting (--max-waiting {self.max_waiting})")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
         self._queued += 1
-        self._inbox.put(("add", rid, prompt, params, stream, arrival_time or time.perf_counter()))
+        self._inbox.put(("add", rid, prompt, params, stream, arrival_time or time.perf_counter(), which))
         self._wake.set()
         return RequestStream(self, rid, stream)
 
@@ -188,7 +190,7 @@ class AsyncLLM:
                     outs = engine.step()
                 except EngineDeadError:
                     continue  # failed above on the next turn, with every request in flight
-                self._queued = len(engine.scheduler.waiting) + self._inbox.qsize()
+                self._queued = engine.num_waiting() + self._inbox.qsize()
                 self._deliver(outs)
         except BaseException as exc:  # the thread must not die silently: callers would wait forever
             self.error = exc
@@ -222,9 +224,9 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt, params, stream, arrival = cmd
+                _, rid, prompt, params, stream, arrival, which = cmd
                 try:
-                    engine.add_request(rid, prompt, params, arrival_time=arrival)
+                    engine.add_request(rid, prompt, params, arrival_time=arrival, **which)
                     self._streams[rid] = stream
                 except Exception as exc:
                     self._put(stream, exc if isinstance(exc, (ValueError, TypeError)) else EngineError(str(exc)))

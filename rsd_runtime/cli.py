@@ -357,6 +357,14 @@ def _serve_args(p):
     add("--host", default="127.0.0.1", help="address to listen on")
     add("--port", type=int, default=8000, help="TCP port to listen on")
     add("--served-model-name", help="the model name clients send; none: the model directory's name")
+    coe = p.add_argument_group("a Composition of Experts: many models on the same cards (--models)")
+    coe.add_argument("--models", nargs="+", metavar="NAME=PATH",
+                     help="experts sharing the cards, each a checkpoint (or with --phantom a shape preset); "
+                          "a request names one, or the router")
+    coe.add_argument("--router", metavar="TOML", help="router of --models: rules and/or a classifier model")
+    coe.add_argument("--staging", choices=["ddr", "host"], default=None,
+                     help="where every expert waits: the cards' DDR tier, or host memory (default: DDR if the "
+                          "device has one)")
     add("--max-num-seqs", type=int, default=16, help="requests in the running batch at most")
     add("--max-num-batched-tokens", type=int, default=512, help="tokens per step at most")
     add("--max-waiting", type=int, default=None, help="refuse new requests (503) while this many wait")
@@ -373,6 +381,32 @@ def _serve_args(p):
     rack.add_argument("--routing", default="least-outstanding", choices=list(POLICIES),
                       help="routing policy of the rack's router (default: least-outstanding)")
     add_router_options(rack)
+
+
+def parse_models(items: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` items of --models as a dict; a bad item is named."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--models takes NAME=PATH items, got {item!r}")
+        if name in out:
+            raise ValueError(f"--models names {name!r} twice")
+        out[name] = path
+    return out
+
+
+def _coe_server(args):
+    from rsd_runtime.async_llm import AsyncLLM
+    from rsd_runtime.coe_engine import CoEEngine
+
+    if args.model or args.instances != 1:
+        raise ValueError(f"--models replaces {'--model' if args.model else '--instances'}")
+    engine = CoEEngine(parse_models(args.models), args.tp, device=args.device, phantom=args.phantom,
+                       staging=args.staging, router=args.router, shm_prefix=args.shm_prefix,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       progress=False)
+    return AsyncLLM(engine=engine, restart_cards=args.restart_cards, max_waiting=args.max_waiting)
 
 
 @command("serve", "serve one instance over HTTP with the OpenAI API until SIGINT or SIGTERM", _serve_args,
@@ -392,17 +426,23 @@ def cmd_serve(args) -> int:
 
     if args.max_waiting is not None and args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
-    if args.instances != 1:
+    if args.instances != 1 and not args.models:
         from rsd_runtime.rack import serve_rack
 
         return serve_rack(args, router_options(args))
-    model = args.model or str(ensure_tiny_model())
-    llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
-                   device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   progress=False, fusion=args.fusion, overlap=args.overlap, host_overhead=args.host_overhead)
+    if args.models:
+        llm, model = _coe_server(args), None
+    else:
+        if args.router or args.staging:
+            raise ValueError(f"{'--router' if args.router else '--staging'} goes with --models")
+        model = args.model or str(ensure_tiny_model())
+        llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
+                       device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       progress=False, fusion=args.fusion, overlap=args.overlap, host_overhead=args.host_overhead)
     try:
-        name = args.served_model_name or default_model_name(args.model)
+        name = args.served_model_name or (",".join(llm.engine.model_names) if args.models
+                                          else default_model_name(args.model))
         app = build_app(llm, name, model)
         config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.verbose > 1,
                                 log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=2)
@@ -415,7 +455,7 @@ def cmd_serve(args) -> int:
 
 
 BENCHMARKS = {"collectives": "bench.collectives", "launch": "bench.launch", "decode": "bench.decode",
-              "inference": "bench.inference", "serve": "bench.serve"}
+              "inference": "bench.inference", "serve": "bench.serve", "coe": "bench.coe"}
 
 
 def _bench_args(p):
@@ -440,6 +480,8 @@ def add_router_options(p):
 
     p.add_argument("--health-interval", type=float, default=1.0, metavar="S",
                    help="seconds between health checks of each instance (default: 1)")
+    p.add_argument("--health-timeout", type=float, default=2.0, metavar="S",
+                   help="seconds a health check may take before the instance counts as down (default: 2)")
     p.add_argument("--allowed-fails", type=int, default=router.ALLOWED_FAILS, metavar="N",
                    help=f"failed requests per minute before an instance cools down (default: {router.ALLOWED_FAILS})")
     p.add_argument("--cooldown", type=float, default=router.COOLDOWN_S, metavar="S",
@@ -451,13 +493,14 @@ def add_router_options(p):
 
 
 def router_options(args) -> dict:
-    for flag in ("health_interval", "cooldown", "request_timeout"):
+    for flag in ("health_interval", "health_timeout", "cooldown", "request_timeout"):
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.allowed_fails < 1 or args.num_retries < 0:
         raise ValueError("--allowed-fails must be >= 1 and --num-retries >= 0")
-    return dict(health_interval=args.health_interval, allowed_fails=args.allowed_fails, cooldown_s=args.cooldown,
-                num_retries=args.num_retries, request_timeout=args.request_timeout)
+    return dict(health_interval=args.health_interval, health_timeout=args.health_timeout,
+                allowed_fails=args.allowed_fails, cooldown_s=args.cooldown, num_retries=args.num_retries,
+                request_timeout=args.request_timeout)
 
 
 @command("router", "one OpenAI-compatible endpoint over instance servers that already run (here or on other "
@@ -473,7 +516,7 @@ def cmd_router(args) -> int:
     return 0
 
 
-@command("bench", "run a benchmark program (collectives, inference, decode, launch, serve); options after its name go "
+@command("bench", "run a benchmark program (collectives, inference, decode, launch, serve, coe); options after its name go "
                   "to it", _bench_args, shared=())
 def cmd_bench(args) -> int:
     import importlib

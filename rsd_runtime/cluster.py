@@ -34,7 +34,7 @@ from devices.spec import DeviceSpec, get_spec
 from interconnect import wire
 from interconnect.auth import RunAuthenticator
 from interconnect.links import LinkDegradation
-from interconnect.topology import get_topology
+from interconnect.topology import topology_for
 from rsd_runtime.control import ControlPlane
 from rsd_runtime.errors import CardDied, ClusterError
 from rsd_runtime.supervisor import CardProcess, describe_exit, spawn_card
@@ -53,7 +53,7 @@ class Cluster:
                  shm_prefix: str = shm.DEFAULT_PREFIX, start_timeout: float = 60.0,
                  heartbeat_timeout: float = 10.0, card_log_level: str | None = None,
                  topology: str = "switch", link: str | None = None, topology_options: dict | None = None,
-                 transport: str = "ipc", tcp_host: str = "127.0.0.1", slowdown: float = 0.0):
+                 tenants: list[list[int]] | None = None, transport: str = "ipc", tcp_host: str = "127.0.0.1", slowdown: float = 0.0):
         if not isinstance(num_devices, int) or num_devices < 1:
             raise ClusterError(f"num_devices must be a whole number >= 1, got {num_devices!r}")
         if num_devices > MAX_DEVICES:
@@ -67,9 +67,13 @@ class Cluster:
                 f"({fmt_bytes(CARD_HOST_BYTES)} each); this machine has {fmt_bytes(avail)} available "
                 f"(at most {avail // CARD_HOST_BYTES} cards)")
         self.num_devices = num_devices
-        self.topology_config = {"topology": topology, "link": link, "options": dict(topology_options or {})}
+        # tenants: the cards of instances stepped together, which share the fabric (interconnect.topo_tenants);
+        # a fixed-size topology with more cards than num_devices runs on its first cards
+        self.topology_config = {"topology": topology, "link": link, "options": dict(topology_options or {}),
+                                "tenants": [list(t) for t in tenants or ()]}
         try:
-            self.topology = get_topology(topology, num_devices, link, **self.topology_config["options"])
+            self.topology = topology_for(topology, num_devices, link, tenants=self.topology_config["tenants"],
+                                         **self.topology_config["options"])
         except (ValueError, TypeError) as exc:
             raise ClusterError(str(exc)) from None
         if transport not in ("ipc", "tcp"):
@@ -174,6 +178,27 @@ class Cluster:
             return
         self._closed = True
         self._expected_exit.update(self.procs)
+        try:
+            self._stop_cards(timeout)
+        finally:  # also when Ctrl-C lands in the middle of the stop: nothing of the run may outlive it
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.popen.kill()
+                    proc.popen.wait()
+            if self.control is not None:
+                self.control.close()
+            if getattr(self, "_auth", None) is not None:
+                self._auth.close()
+            if self._ctx is not None:
+                self._ctx.destroy(linger=0)
+            shm.remove_run(self.run_name)
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._restore_sigterm()
+            atexit.unregister(self.shutdown)
+
+    def _stop_cards(self, timeout: float) -> None:
+        """Ask every card that can hear it to shut down, terminate the others; wait up to ``timeout``."""
         alive = [c for c, p in self.procs.items() if p.poll() is None]
         if self.control is not None:
             told = [c for c in alive if c not in self.control.dead and c in self.control.hello]
@@ -191,21 +216,6 @@ class Cluster:
                 proc.popen.wait(max(0.0, deadline - time.monotonic()))
             except Exception:
                 proc.popen.terminate()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.popen.kill()
-                proc.popen.wait()
-        if self.control is not None:
-            self.control.close()
-        if getattr(self, "_auth", None) is not None:
-            self._auth.close()
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)
-        shm.remove_run(self.run_name)
-        if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        self._restore_sigterm()
-        atexit.unregister(self.shutdown)
 
     def __enter__(self) -> "Cluster":
         return self.start() if self._closed else self
@@ -318,11 +328,13 @@ class Cluster:
         """Place ``tensor`` (numpy or torch) into card ``card``'s arena under ``name``."""
         return self.put_async(card, name, tensor).result()[0]
 
-    def put_async(self, card: int, name: str, tensor):
-        """``put`` without waiting: a future of the card's reply (puts to several cards overlap)."""
+    def put_async(self, card: int, name: str, tensor, tier: str | None = None):
+        """``put`` without waiting: a future of the card's reply (puts to several cards overlap).
+        ``tier``: a staging tier (``ddr`` or ``host``) instead of device memory."""
         self._check_card(card)
         dtype, shape, payload = wire.to_wire(tensor)
-        return self.control.submit(card, "put", {"name": name, "dtype": dtype, "shape": shape}, [payload])
+        header = {"name": name, "dtype": dtype, "shape": shape, **({"tier": tier} if tier else {})}
+        return self.control.submit(card, "put", header, [payload])
 
     def get(self, card: int, name: str, *, as_torch: bool | None = None):
         """Read tensor ``name`` back through card ``card`` (a copy owned by the caller)."""

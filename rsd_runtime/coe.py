@@ -18,15 +18,11 @@ import networkx as nx
 
 from devices.memory import fmt_bytes
 from devices.spec import DeviceSpec
-from devices.tiers import MemoryTier, OutOfTierMemory, TieredMemory
+from devices.tiers import HOST_BYTES_PER_CARD, MemoryTier, OutOfTierMemory, TieredMemory, staging_tier
 from interconnect.links import exact_gbps, get_link, serialise_ns
 from interconnect.topo_graph import CPU
 from interconnect.topo_maxmin import max_min_rates
 from interconnect.topology import Topology, get_topology
-
-# NVIDIA DGX H100 datasheet: 2 TB of system memory for 8 GPUs; a card without a DDR tier stages its
-# experts in its share of host memory.
-HOST_BYTES_PER_CARD = (2 << 40) // 8
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,12 +56,10 @@ def switch_path(spec: DeviceSpec, source: str | None = None, *, num_cards: int =
     over ``topology`` (a preset or a .toml file, as the cluster takes)."""
     if source is None:
         source = "ddr" if spec.ddr_bytes else "host"
+    staging_tier(spec, source)  # an unknown tier, or one this card lacks, is named
     if source == "ddr":
-        spec.tier("ddr")  # names the missing tier on a card without one
         return SwitchPath("ddr", spec)
-    if source == "host":
-        return SwitchPath("host", spec, get_topology(topology, num_cards, spec.host_link))
-    raise ValueError(f"unknown staging tier {source!r}; experts are staged in 'ddr' or 'host'")
+    return SwitchPath("host", spec, get_topology(topology, num_cards, spec.host_link))
 
 
 def host_copy_ns(topo: Topology, nbytes: int) -> int:

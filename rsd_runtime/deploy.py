@@ -19,15 +19,21 @@ log = logging.getLogger("rsd.deploy")
 
 
 def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, dtype: str, weight_dtype: str,
-           num_kv_blocks: int, block_size: int, progress: bool = False, fusion: str = "none") -> list[CardProgram]:
+           num_kv_blocks: int, block_size: int, progress: bool = False, fusion: str = "none",
+           expert: str | None = None, tier: str | None = None) -> list[CardProgram]:
+    """``expert``: one model of a pool (``rsd_runtime.coe_engine``): its shards go to the staging ``tier``
+    under ``<expert>/`` and its command stream is installed when it is activated, not now."""
     with phase(log, f"compile for tp={tp}"):
         programs = compile_model(cfg, tp, cards, fusion=fusion)
     check_fits(cfg, tp, cluster.spec, weight_dtype, dtype, num_kv_blocks, block_size, cards[0])
+    where = {"prefix": f"{expert}/", "tier": tier} if expert is not None else {}
     with phase(log, "place the weight shards" if ckpt is not None else "place phantom shards (no bytes)"):
         if ckpt is not None:
-            load_weights(cluster, ckpt, programs, progress=progress)
+            load_weights(cluster, ckpt, programs, progress=progress, **where)
         else:
-            place_phantom(cluster, cfg, programs, weight_dtype)
+            place_phantom(cluster, cfg, programs, weight_dtype, **where)
+    if expert is not None:
+        return programs
     with phase(log, "install command streams and KV caches" + (" (each card imports torch)" if ckpt else "")):
         load_programs(cluster, programs, cfg, dtype=dtype, weight_dtype=weight_dtype, num_kv_blocks=num_kv_blocks,
                       block_size=block_size)
@@ -35,14 +41,16 @@ def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, d
 
 
 def load_programs(cluster, programs: list[CardProgram], cfg: ModelConfig, *, dtype: str, weight_dtype: str,
-                  num_kv_blocks: int, block_size: int, cards: list[int] | None = None, attach: bool = False) -> None:
-    """Install each card's command stream and its KV cache; ``attach``: keep the cache a restarted
-    card found in shared memory."""
+                  num_kv_blocks: int, block_size: int, cards: list[int] | None = None, attach: bool = False,
+                  weight_prefix: str = "") -> None:
+    """Install each card's command stream and its KV cache; ``attach``: keep the cache the card holds
+    if its layout is the same (a restarted card's, or the last expert's). ``weight_prefix``: the
+    stream reads the arena's tensors under this prefix (one expert of several resident)."""
     futs = []
     for prog in programs:
         if cards is not None and prog.card not in cards:
             continue
-        meta = {**prog.meta, "compute_dtype": dtype, "weight_dtype": weight_dtype}
+        meta = {**prog.meta, "compute_dtype": dtype, "weight_dtype": weight_dtype, "weight_prefix": weight_prefix}
         kv = {"num_layers": cfg.num_layers, "num_blocks": num_kv_blocks, "block_size": block_size,
               "num_kv_heads": prog.meta["num_kv_heads"], "head_dim": cfg.head_dim, "dtype": dtype}
         futs.append(cluster.control.submit(prog.card, "load_program",

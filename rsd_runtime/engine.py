@@ -62,13 +62,16 @@ class LLMEngine:
                  kv_utilization: float | None = None, progress: bool = True, phantom: bool = False,
                  check_weights: bool | None = None, cluster: Cluster | None = None, cards: list[int] | None = None,
                  backend: str = "cards", topology=None, fusion: str = "none", overlap="off", host_overhead="off",
+                 expert: str | None = None, staging: str | None = None,
                  **cluster_kwargs):
         """``backend="sim"`` (phantom only) runs the instance in this process on the emulated clock
         (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
         preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology.
         ``fusion`` (none, ops, layer) and ``overlap`` (off, on) are compiler choices
         (``devices.fusion``, ``rsd_runtime.pipelining``); they change the schedule, not the values.
-        ``host_overhead`` (off, on, or a host preset: ``rsd_runtime.host_spec``) charges the host's work."""
+        ``host_overhead`` (off, on, or a host preset: ``rsd_runtime.host_spec``) charges the host's work.
+        ``expert``: this model is one of a pool sharing the cards (``rsd_runtime.coe_engine``); its
+        shards wait in the ``staging`` tier until ``load_program()`` after the pool activated it."""
         # bad checkpoints and impossible splits fail before any card starts
         self.timings: dict[str, float] = {}  # wall seconds of the phases: read_s, start_s, load_s, shutdown_s
         with phase(log, f"read model {model}", self.timings, "read_s"):
@@ -98,6 +101,8 @@ class LLMEngine:
 
         self.fusion, self.overlap, self.host = fusion, parse_overlap(overlap), get_host(host_overhead)
         self.pipeliner = None
+        self.expert = expert
+        self.weight_prefix = f"{expert}/" if expert is not None else ""
         if backend == "sim":
             self._start_sim(device, topology, cluster_kwargs)
             return
@@ -113,7 +118,8 @@ class LLMEngine:
             with phase(log, "load the model onto the cards", self.timings, "load_s"):
                 self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
                                        weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
-                                       block_size=block_size, progress=progress, fusion=fusion)
+                                       block_size=block_size, progress=progress, fusion=fusion, expert=expert,
+                                       tier=staging)
             if self.overlap:
                 self.pipeliner = self._pipeliner(self.cluster.spec, self.cluster.topology)
         except BaseException:
@@ -123,9 +129,27 @@ class LLMEngine:
         host_threads(self.cluster.num_devices)
         self._init_host()
 
+    def load_program(self) -> None:
+        """Install this model's command stream on its cards again (an expert made active); the KV cache
+        stays if its layout is the same."""
+        if self.cluster is not None:
+            load_programs(self.cluster, self.programs, self.cfg, dtype=self.dtype, weight_dtype=self.weight_dtype,
+                          num_kv_blocks=self.num_kv_blocks, block_size=self.block_size, attach=True,
+                          weight_prefix=self.weight_prefix)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def kv_usage(self) -> float:
+        """Share of KV blocks in use (1 means all)."""
+        return 1.0 - self.blocks.num_free_blocks / self.blocks.num_blocks
+
     def _start_sim(self, device, topology, cluster_kwargs) -> None:
         from devices.spec import DeviceSpec, get_spec
-        from interconnect.topology import get_topology
+        from interconnect.topology import topology_for
         from rsd_runtime.compiler import compile_model
         from rsd_runtime.deploy import check_fits
         from rsd_runtime.sim_runner import SimRunner
@@ -134,8 +158,7 @@ class LLMEngine:
             raise ValueError("the sim backend runs phantom instances only (phantom=True)")
         spec = device if isinstance(device, DeviceSpec) else get_spec(device)
         if topology is None or isinstance(topology, str):
-            topology = get_topology(topology or "switch", max(self.cards) + 1,
-                                    cluster_kwargs.get("link"),
+            topology = topology_for(topology or "switch", max(self.cards) + 1, cluster_kwargs.get("link"),
                                     **cluster_kwargs.get("topology_options", {}))
         self.owns_cluster, self.cluster, self.spec = False, None, spec
         self.programs = compile_model(self.cfg, self.tp, self.cards, fusion=self.fusion)
@@ -155,7 +178,8 @@ class LLMEngine:
 
     def set_options(self, *, fusion: str | None = None, overlap=None, host_overhead=None) -> None:
         """Change the compiler's choices and the host's costs between steps, weights and KV cache kept:
-        the command streams are compiled again and reinstalled on the cards."""
+        the command streams are compiled again and reinstalled on the cards (an expert's when it is made
+        active)."""
         from rsd_runtime.compiler import compile_model
         from rsd_runtime.host_spec import get_host
         from rsd_runtime.pipelining import parse_overlap
@@ -168,8 +192,8 @@ class LLMEngine:
             self.programs = compile_model(self.cfg, self.tp, self.cards, fusion=fusion)
             self.fusion = fusion
             if self.cluster is not None:
-                load_programs(self.cluster, self.programs, self.cfg, dtype=self.dtype, weight_dtype=self.weight_dtype,
-                              num_kv_blocks=self.num_kv_blocks, block_size=self.block_size, attach=True)
+                if self.expert is None:  # an expert of a pool gets its new stream when made active (load_program)
+                    self.load_program()
             else:
                 clocks, ports = self.runner.clocks, self.runner.ports
                 self.runner = self.simulator()
@@ -455,7 +479,7 @@ class LLMEngine:
         if restarted:
             load_programs(self.cluster, self.programs, self.cfg, dtype=self.dtype, weight_dtype=self.weight_dtype,
                           num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
-                          cards=restarted, attach=True)
+                          cards=restarted, attach=True, weight_prefix=self.weight_prefix)
         self.runner.resync()
         self.dead = None
         self.stats.recoveries += 1

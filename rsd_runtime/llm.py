@@ -16,7 +16,19 @@ from rsd_runtime.sampling import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, **engine_kwargs):
+    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, *,
+                 models: dict[str, str] | None = None, **engine_kwargs):
+        """``models={"name": path_or_preset, ...}``: many models share the cards (a Composition of
+        Experts, ``rsd_runtime.coe_engine``; ``router=`` a TOML file); ``generate(..., model=name)``."""
+        if models is not None:
+            if model is not None:
+                raise ValueError("give model= or models=, not both")
+            from rsd_runtime.coe_engine import CoEEngine
+
+            self.engine = CoEEngine(models, tensor_parallel_size, **engine_kwargs)
+            self.tokenizer = self.engine.tokenizer
+            self._ids = itertools.count()
+            return
         if model is None:
             from rsd_runtime.tiny_model import ensure_tiny_model
 
@@ -40,8 +52,12 @@ class LLM:
         return self.tokenizer.encode(prompt)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-                 on_token: Callable[[int, int, str], None] | None = None) -> list[RequestOutput]:
+                 on_token: Callable[[int, int, str], None] | None = None,
+                 model: str | list[str] | None = None) -> list[RequestOutput]:
         """Generate for each prompt (text, or a list of token ids); outputs in prompt order.
+
+        ``model``: with ``LLM(models=...)``, the model of every prompt (or a list, one per prompt): an
+        expert's name or the router's.
 
         ``on_token(prompt_index, token_id, new_text)`` is called for every token as it is sampled;
         ``new_text`` is the text that token releases (text that could still become a stop string
@@ -54,15 +70,19 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         params = [p or SamplingParams() for p in params]
+        names = model if isinstance(model, list) else [model] * len(prompts)
+        if len(names) != len(prompts):
+            raise ValueError(f"{len(names)} models for {len(prompts)} prompts")
+        which = [{} if m is None else {"model": m} for m in names]
         engine = self.engine
-        for prompt, p in zip(prompts, params):
-            engine.validate(prompt, p)
+        for prompt, p, m in zip(prompts, params, which):
+            engine.validate(prompt, p, **m)
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         index = {rid: n for n, rid in enumerate(ids)}
         results: dict[str, RequestOutput] = {}
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                engine.add_request(rid, prompt, p)
+            for rid, prompt, p, m in zip(ids, prompts, params, which):
+                engine.add_request(rid, prompt, p, **m)
             while any(rid in engine.requests for rid in ids):
                 for delta in engine.step():  # one new token per delta
                     if delta.request_id in results:

@@ -8,8 +8,10 @@ from tqdm import tqdm
 from rsd_runtime.compiler import CardProgram
 
 
-def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool = True) -> int:
-    """Put every card's shards into its arena (in flight to all cards at once); returns the bytes placed."""
+def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool = True, prefix: str = "",
+                 tier: str | None = None) -> int:
+    """Put every card's shards into its arena (in flight to all cards at once); returns the bytes placed.
+    ``tier``: into that staging tier instead, each name after ``prefix`` (an expert of a pool)."""
     by_source: dict[str, list[tuple[int, object]]] = {}
     for prog in programs:
         for shard in prog.shards:
@@ -23,18 +25,20 @@ def load_weights(cluster, ckpt, programs: list[CardProgram], *, progress: bool =
             for card, shard in uses:
                 part = shard.extract(tensor)
                 total += part.numel() * part.element_size()
-                futs.append(cluster.put_async(card, shard.name, part))
+                futs.append(cluster.put_async(card, prefix + shard.name, part, tier))
             for f in futs:
                 f.result(120)
             bar.update(1)
     return total
 
 
-def place_phantom(cluster, cfg, programs: list[CardProgram], dtype: str) -> None:
+def place_phantom(cluster, cfg, programs: list[CardProgram], dtype: str, *, prefix: str = "",
+                  tier: str | None = None) -> None:
     """Phantom cards: account for every shard at its nominal size; no bytes move."""
     shapes = cfg.tensor_shapes()
-    futs = [cluster.control.submit(prog.card, "put", {"name": s.name, "dtype": dtype,
-                                                      "shape": list(s.shape(shapes[s.source]))})
+    where = {"tier": tier} if tier else {}
+    futs = [cluster.control.submit(prog.card, "put", {"name": prefix + s.name, "dtype": dtype,
+                                                      "shape": list(s.shape(shapes[s.source])), **where})
             for prog in programs for s in prog.shards]
     for f in futs:
         f.result(120)

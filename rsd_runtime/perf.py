@@ -42,8 +42,9 @@ class PerfRunner:
     def __init__(self, model: str, *, tp: int, instances: int = 1, device: str = "atom-plus",
                  dtype: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_utilization: float = 0.9, backend: str = "sim", topology: str = "switch",
-                 link: str | None = None, topology_options: dict | None = None, fusion: str = "none",
-                 overlap="off", host_overhead="off", **cluster_kwargs):
+                 link: str | None = None, topology_options: dict | None = None,
+                 placement: list[list[int]] | None = None, fusion: str = "none", overlap="off",
+                 host_overhead="off", **cluster_kwargs):
         _, cfg, _ = resolve_model(model, phantom=True)
         check_tp(cfg, tp)
         from rsd_runtime.host_spec import get_host
@@ -51,22 +52,25 @@ class PerfRunner:
         self.cfg, self.tp, self.instances = cfg, tp, instances
         self.host = get_host(host_overhead)
         self.spec = device if isinstance(device, DeviceSpec) else get_spec(device)
-        n = tp * instances
+        groups = placement_of(tp, instances, placement)
+        n = max(c for g in groups for c in g) + 1
         kw = dict(dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks, kv_utilization=kv_utilization,
                   progress=False, phantom=True, fusion=fusion, overlap=overlap)
         self.cluster = None
-        # instances on consecutive cards (box by box on the study presets); a fixed-size topology keeps
-        # all its cards, the ones past tp x instances idle
-        topo = topology_for(topology, n, link, **(topology_options or {}))
+        # a fixed-size topology keeps all its cards, the ones no instance takes idle; the instances
+        # share the fabric, stepped together (interconnect.topo_tenants)
+        self.placement = groups
+        tenants = groups if instances > 1 else ()
+        topo = topology_for(topology, n, link, tenants=tenants, **(topology_options or {}))
         if backend == "sim":
-            self.engines = [LLMEngine(model, tp, device=self.spec, cards=list(range(i * tp, (i + 1) * tp)),
-                                      backend="sim", topology=topo, **kw) for i in range(instances)]
+            self.engines = [LLMEngine(model, tp, device=self.spec, cards=g, backend="sim", topology=topo, **kw)
+                            for g in groups]
         elif backend == "cards":
-            self.cluster = Cluster(num_devices=topo.num_cards, device=self.spec, phantom=True, topology=topology, link=link,
-                                   topology_options=topology_options, **cluster_kwargs).start()
+            self.cluster = Cluster(num_devices=topo.num_cards, device=self.spec, phantom=True, topology=topology,
+                                   link=link, topology_options=topology_options, tenants=tenants,
+                                   **cluster_kwargs).start()
             try:
-                self.engines = [LLMEngine(model, tp, cluster=self.cluster, cards=list(range(i * tp, (i + 1) * tp)),
-                                          **kw) for i in range(instances)]
+                self.engines = [LLMEngine(model, tp, cluster=self.cluster, cards=g, **kw) for g in groups]
             except BaseException:
                 self.cluster.shutdown()
                 raise
@@ -129,6 +133,26 @@ class PerfRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def placement_of(tp: int, instances: int, placement: list[list[int]] | None) -> list[list[int]]:
+    """The cards of each instance: ``placement`` checked, or consecutive cards (instance i on cards
+    i*tp .. i*tp + tp - 1: box by box on the study presets, so tp=8 takes one box)."""
+    if placement is None:
+        return [list(range(i * tp, (i + 1) * tp)) for i in range(instances)]
+    groups = [list(g) for g in placement]
+    if len(groups) != instances:
+        raise ValueError(f"placement names {len(groups)} instances, not {instances}")
+    seen: set[int] = set()
+    for i, g in enumerate(groups):
+        if len(g) != tp:
+            raise ValueError(f"placement: instance {i} has {len(g)} cards, not tp={tp}")
+        if any(not isinstance(c, int) or c < 0 for c in g):
+            raise ValueError(f"placement: instance {i}: cards are numbers >= 0, got {g}")
+        if seen & set(g) or len(set(g)) != tp:
+            raise ValueError(f"placement: instance {i} takes a card twice or one another instance has: {g}")
+        seen |= set(g)
+    return groups
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ cards; an instance that leaves a card process or a segment behind is named.
 """
 from __future__ import annotations
 
-import signal
 import sys
 
 from rsd_runtime.router import Router, serve_router
@@ -34,12 +33,7 @@ def instance_args(args) -> list[str]:
 def serve_rack(args, router_options: dict) -> int:
     if args.instances < 1:
         raise ValueError(f"--instances must be >= 1, got {args.instances}")
-    policy = get_policy(args.routing)
-
-    def on_sigterm(signum, frame):
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    policy = get_policy(args.routing)  # SIGTERM raises SystemExit(0) (cmd_serve): the finally below stops all
     servers = [ServerProcess(model=args.model, tp=args.tp, phantom=args.phantom,
                              shm_prefix=f"{args.shm_prefix}i{i}", extra_args=instance_args(args))
                for i in range(args.instances)]

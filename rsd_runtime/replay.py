@@ -37,6 +37,7 @@ class ReplayRequest:
     prompt: list[int]
     max_tokens: int
     session: str | None = None
+    model: str | None = None  # for an engine that serves several (``CoEEngine``)
 
 
 @dataclass(slots=True)
@@ -91,7 +92,8 @@ class Replay:
             elif kind == REACH:
                 req = requests[tie]
                 params = SamplingParams(max_tokens=req.max_tokens, temperature=0, ignore_eos=True)
-                self.engines[k].add_request(tie, req.prompt, params, emu_arrival=now)
+                which = {} if req.model is None else {"model": req.model}
+                self.engines[k].add_request(tie, req.prompt, params, emu_arrival=now, **which)
                 if not busy[k]:
                     self._push(now, START, k, k)
             elif kind == START:

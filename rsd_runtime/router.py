@@ -51,6 +51,7 @@ ALLOWED_FAILS = 3
 COOLDOWN_S = 5.0
 FAIL_WINDOW_S = 60.0
 PROXIED = ("/v1/completions", "/v1/chat/completions")
+ERROR_EVENT = b'data: {"error"'  # how an instance's stream starts when it failed before any token
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Backend:
     fail_times: list[float] = field(default_factory=list)
     last_error: str | None = None
     cards: list = field(default_factory=list)  # what the instance's /health says of its cards
-    model_ids: list[str] = field(default_factory=list)
+    models: list[dict] = field(default_factory=list)  # the instance's /v1/models entries, passed through
 
 
 def _error(status: int, message: str, kind: str = "server_error") -> tuple[int, dict]:
@@ -188,11 +189,11 @@ class Router:
             elif b.state == "cooldown" and time.monotonic() < b.cooldown_until:
                 pass
             else:
-                if not b.model_ids:
+                if not b.models:
                     try:
                         models = (await self._client.get(b.url + "/v1/models", timeout=self.health_timeout)).json()
-                        b.model_ids = [m["id"] for m in models.get("data", [])]
-                    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                        b.models = [m for m in models["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                    except (httpx.HTTPError, ValueError, KeyError, TypeError):
                         pass
                 self._set_state(i, "healthy")
         await asyncio.gather(*(one(i, b) for i, b in enumerate(self.backends)))
@@ -304,6 +305,12 @@ class Router:
                 done(599)
                 self._failed(i, last)
                 continue
+            if first.startswith(ERROR_EVENT):  # the instance failed before its first token: no token is out yet
+                await resp.aclose()
+                last = f"{b.name}: {first[6:].decode(errors='replace').strip()[:300]}"
+                done(599)
+                self._failed(i, last)
+                continue
             return "stream", first, self._relay(chunks, resp, done, i), b.name
         return ("json", *_error(502, f"the request failed on {len(tried)} instance(s); last error: {last}"), None)
 
@@ -311,6 +318,9 @@ class Router:
         status = 200
         try:
             async for c in chunks:
+                if status == 200 and b'data: {"error"' in c:  # the instance failed mid-stream and said so
+                    status = 500
+                    self._failed(i, f"{self.backends[i].name}: {c.decode(errors='replace').strip()[:300]}")
                 yield c
         except httpx.HTTPError as e:
             status = 599
@@ -358,11 +368,11 @@ class Router:
         @app.get("/v1/models")
         async def models():
             seen, data = set(), []
-            for b in self.backends:
-                for m in b.model_ids:
-                    if m not in seen:
-                        seen.add(m)
-                        data.append({"id": m, "object": "model", "owned_by": "rsd-runtime"})
+            for b in self.backends:  # each model once, as the first instance serving it describes it
+                for m in b.models:
+                    if m["id"] not in seen:
+                        seen.add(m["id"])
+                        data.append(m)
             return {"object": "list", "data": data}
 
         @app.get("/health")
@@ -403,7 +413,14 @@ class _Done:
 
 
 def serve_router(router: Router, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Run a router until SIGINT/SIGTERM."""
+    """Run a router until SIGINT/SIGTERM; SIGTERM exits with status 0, as ``rsd-launch serve`` does."""
+    import signal
+
     import uvicorn
+
+    def on_sigterm(signum, frame):  # uvicorn re-raises the signal it caught once it has shut down
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     uvicorn.run(router.app(), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -2,19 +2,20 @@
 
 ``SimRunner`` does what ``CardRunner`` does with phantom cards, without card
 processes: it walks the tasks the cards walk (``devices.schedule``) for all
-tp ranks at once, each engine of each rank on its own timeline and each rank
-with its own fabric ports, and runs each collective through the simulation phantom cards use
-(``interconnect.sim``) from the ranks' entry states. The emulated times are
+tp ranks at once with the walk phantom cards use (``devices.walk``), each
+engine of each rank on its own timeline and each rank with its own fabric
+ports, and runs each collective through the simulation (``interconnect.sim``)
+from the ranks' entry states. The emulated times are
 the phantom cards' (tested step by step against card processes); a replay of
 a rack runs hundreds of steps per second this way.
 """
 from __future__ import annotations
 
 from devices.program import StepProgram
-from devices.schedule import COMPUTE, DMA, WHOLE, chunk_count, split_plan, start_of
+from devices.schedule import COMPUTE, WHOLE, chunk_count, split_plan
 from devices.spec import DeviceSpec
 from devices.step import StepPlan
-from interconnect import sim
+from devices.walk import fold, walk, walk_tasks
 from interconnect.emulation import memory_reduce_ns
 from rsd_runtime.compiler import CardProgram
 from rsd_runtime.model_config import ModelConfig
@@ -51,29 +52,23 @@ class SimRunner:
         k = chunk_count(plan, plan.chunks)
         tasks = progs[0].tasks(k)
         plans = split_plan(plan, k)
-        free = [{COMPUTE: t, DMA: t} for t in (max(c, plan.t_start) for c in self.clocks)]
-        ready = [[0] * len(tasks) for _ in range(n)]
-        ports = self.ports
-        for i, task in enumerate(tasks):
-            step = plan if task.chunk == WHOLE else plans[task.chunk]
-            starts = [start_of(task, free[r], ready[r]) for r in range(n)]
-            call = None
-            if task.engine == COMPUTE:
-                ns = [progs[r].compute_ns(task.ops, step) if same[r] == r else None for r in range(n)]
-                ends = [starts[r] + ns[same[r]] for r in range(n)]
-            else:
-                call = progs[0].call(progs[0].ops[task.ops[0]], step)
-                out = sim.CACHE.run(call, self.cards, self.topology, self.reduce_ns,
-                                    [(starts[r], *ports[r]) for r in range(n)])
-                ends = [c for c, _, _ in out]
-                ports = [(tx if tx is not None else old[0], rx if rx is not None else old[1])
-                         for (_, tx, rx), old in zip(out, ports)]
-            for r in range(n):
-                free[r][task.engine] = ready[r][i] = ends[r]
-            if self.tracer is not None:
-                self.tracer.on_task(task, starts, ends, step, progs, call)
-        self.clocks = [max(f.values()) for f in free]
-        self.ports = ports
+        steps = [plan if t.chunk == WHOLE else plans[t.chunk] for t in tasks]
+        costs = [[progs[r].compute_ns(t.ops, s) for t, s in zip(tasks, steps) if t.engine == COMPUTE]
+                 if same[r] == r else None for r in range(n)]
+        costs = [costs[same[r]] for r in range(n)]
+        calls = [progs[0].call(progs[0].ops[t.ops[0]], s) for t, s in zip(tasks, steps) if t.engine != COMPUTE]
+        clocks = [max(c, plan.t_start) for c in self.clocks]
+        args = (self.cards, self.topology, self.reduce_ns, clocks, self.ports)
+        if k == 1 and self.tracer is None:  # one task after another: segments, with jumps over repeating layers
+            self.clocks, self.ports = walk([fold(tasks, c) for c in costs], calls, *args)
+        else:
+            tracer = self.tracer
+
+            def on_task(i, starts, ends, call):
+                tracer.on_task(tasks[i], starts, ends, steps[i], progs, call)
+
+            hook = None if tracer is None else on_task
+            self.clocks, self.ports = walk_tasks(tasks, costs, calls, *args, on_task=hook)
         return None, max(self.clocks)
 
     def resync(self) -> None:

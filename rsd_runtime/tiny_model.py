@@ -91,21 +91,23 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RSD_CACHE_DIR") or Path.home() / ".cache" / "rsd-runtime")
 
 
-def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """The tiny checkpoint's folder under cache_dir, built there first if absent.
+def ensure_tiny_model(cache_dir: Path | None = None, seed: int = SEED) -> Path:
+    """The tiny checkpoint's folder under cache_dir, built there first if absent. Another ``seed``
+    gives a variant with other weights (the same shape and tokenizer), in a folder of its own.
 
     Built in a private temp folder and renamed into place: rename is atomic, so a concurrent first
     use either wins the rename or finds the other's complete folder.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / TINY_MODEL_NAME
+    name = TINY_MODEL_NAME if seed == SEED else f"{TINY_MODEL_NAME}-seed{seed}"
+    final = root / name
     if final.exists():
         _check_complete(final)
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        build_tiny_model(tmp)
+        build_tiny_model(tmp, seed)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -117,7 +119,7 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     return final
 
 
-def build_tiny_model(out_dir: Path) -> None:
+def build_tiny_model(out_dir: Path, seed: int = SEED) -> None:
     """Write the tiny checkpoint's files into out_dir (which must exist)."""
     out_dir = Path(out_dir)
     tok = train_tokenizer()
@@ -128,7 +130,7 @@ def build_tiny_model(out_dir: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
         "model_max_length": hf_config["max_position_embeddings"], "clean_up_tokenization_spaces": False})
     _write_json(out_dir / "config.json", hf_config)
-    save_file(random_weights(ModelConfig.from_hf(hf_config)), str(out_dir / "model.safetensors"),
+    save_file(random_weights(ModelConfig.from_hf(hf_config), seed), str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
 
 
@@ -151,9 +153,9 @@ def train_tokenizer() -> Tokenizer:
     return tok
 
 
-def random_weights(config: ModelConfig) -> dict[str, torch.Tensor]:
+def random_weights(config: ModelConfig, seed: int = SEED) -> dict[str, torch.Tensor]:
     """N(0, 0.02) for matrices as HF's init does, ones for the RMSNorm weights; one seeded generator."""
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in config.tensor_shapes().items():  # a fixed order: the generator's draws follow it
         if name.endswith("norm.weight"):

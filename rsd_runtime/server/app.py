@@ -39,7 +39,10 @@ class Server:
         engine = llm.engine
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.cfg.vocab_size
-        self.max_len = min(engine.max_model_len, engine.scheduler.max_len)
+        self.max_len = engine.max_len
+        # a pool of experts serves each expert's name and its router's; one model serves model_name
+        self.coe = hasattr(engine, "model_names")
+        self.model_names = engine.model_names if self.coe else [model_name]
         self.chat = ChatTemplate.from_model_dir(model_dir, self.tokenizer) if (
             model_dir and self.tokenizer is not None) else (
             ChatTemplate(self.tokenizer) if self.tokenizer is not None else None)
@@ -54,10 +57,12 @@ class Server:
                 if self.tokenizer is not None else f"<{token_id}>"
         return text
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+    def check_model(self, name: str | None) -> str | None:
+        """The model name to give the engine (None: its only model, or its router); 404 if unknown."""
+        if name is not None and name not in self.model_names:
             raise APIError(404, f"model: the model {name!r} does not exist; this server serves "
-                                f"{self.model_name!r}", "model", "not_found_error")
+                                f"{', '.join(map(repr, self.model_names))}", "model", "not_found_error")
+        return name if self.coe else None
 
     def encode(self, prompt, param: str) -> list[int]:
         if isinstance(prompt, str):
@@ -93,20 +98,21 @@ def build_app(llm: AsyncLLM, model_name: str, model_dir: str | None = None) -> F
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": server.created, "owned_by": "rsd-runtime",
-            "root": model_dir, "max_model_len": server.max_len, "vocab_size": server.vocab_size}]}
+            "id": name, "object": "model", "created": server.created, "owned_by": "rsd-runtime",
+            "root": model_dir if not server.coe else None, "max_model_len": server.max_len,
+            "vocab_size": server.vocab_size} for name in server.model_names]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _parse(request, CompletionRequest)
-        server.check_model(body.model)
+        model = server.check_model(body.model)
         prompts = [server.encode(p, "prompt") for p in body.prompts()]
-        return await _run(request, Generation(server, body, prompts, chat=False))
+        return await _run(request, Generation(server, body, prompts, chat=False, model=model))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _parse(request, ChatRequest)
-        server.check_model(body.model)
+        model = server.check_model(body.model)
         if server.chat is None:
             raise APIError(400, "messages: this model has no tokenizer, so it cannot chat; use /v1/completions "
                                 "with token ids", "messages")
@@ -115,7 +121,7 @@ def build_app(llm: AsyncLLM, model_name: str, model_dir: str | None = None) -> F
             ids = server.chat.encode(messages, body.add_generation_prompt)
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from None
-        return await _run(request, Generation(server, body, [ids], chat=True))
+        return await _run(request, Generation(server, body, [ids], chat=True, model=model))
 
     return app
 

@@ -64,7 +64,7 @@ class _EngineCollector:
 
     def collect(self):
         engine = self.llm.engine
-        sched, blocks, stats = engine.scheduler, engine.blocks, engine.stats
+        stats = engine.stats
         labels = ["model_name"]
 
         def gauge(name, doc, value):
@@ -77,11 +77,11 @@ class _EngineCollector:
             c.add_metric([self.model_name], value)
             return c
 
-        yield gauge("num_requests_running", "Requests on the cards in this step", len(sched.running))
+        yield gauge("num_requests_running", "Requests on the cards in this step", engine.num_running())
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled",
-                    len(sched.waiting) + self.llm.num_inbox())
+                    engine.num_waiting() + self.llm.num_inbox())
         yield gauge("kv_cache_usage_perc", "Share of KV-cache blocks in use (1 means all)",
-                    1.0 - blocks.num_free_blocks / blocks.num_blocks)
+                    engine.kv_usage())
         yield counter("prompt_tokens", "Prompt tokens run on the cards (prefill)", stats.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated", stats.generation_tokens)
         yield counter("request_success", "Requests that finished (any reason but abort and error)", stats.finished)

@@ -34,8 +34,12 @@ class Choice:
 
 
 class Generation:
-    def __init__(self, server, body: CompletionRequest | ChatRequest, prompts: list[list[int]], chat: bool):
+    def __init__(self, server, body: CompletionRequest | ChatRequest, prompts: list[list[int]], chat: bool,
+                 model: str | None = None):
+        """``model``: the engine's model for a server of several (an expert or the router), else None."""
         self.server, self.body, self.chat = server, body, chat
+        self.model = model
+        self.model_name = model or server.model_name
         self.prompts = prompts
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -78,7 +82,7 @@ class Generation:
             for p, prompt in enumerate(self.prompts):
                 for i in range(self.body.n):
                     params = self.params(prompt, i)
-                    self.streams.append(llm.add_request(prompt, params, arrival_time=self.arrival))
+                    self.streams.append(llm.add_request(prompt, params, arrival_time=self.arrival, model=self.model))
         except BaseException as exc:
             self.close()
             if isinstance(exc, Overloaded):
@@ -164,7 +168,7 @@ class Generation:
     def _event(self, choices: list, **extra) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return "data: " + _dumps({"id": self.id, "object": obj, "created": self.created,
-                                  "model": self.server.model_name, "choices": choices, **extra}) + "\n\n"
+                                  "model": self.model_name, "choices": choices, **extra}) + "\n\n"
 
     def response(self, outs: dict[int, list]) -> dict:
         """The whole body of a non-streaming response; ``outs``: choice index -> its deltas."""
@@ -183,7 +187,7 @@ class Generation:
             c["timings"] = choice.timings
             choices.append(c)
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.server.model_name, "choices": choices,
+                "created": self.created, "model": self.model_name, "choices": choices,
                 "usage": self.usage()}
 
     # -- logprobs -------------------------------------------------------------------------------

@@ -40,3 +40,25 @@ def test_bad_options():
         coe.main(["--switching", "--footprint"])
     with pytest.raises(ValueError, match="unknown model preset 'gpt9'"):
         coe.main(["--switching", "--model", "gpt9"])
+    with pytest.raises(SystemExit):
+        coe.main(["--replay", "--request-rate", "0"])
+
+
+def test_replay_with_and_without_ddr(tmp_path, capsys):
+    out = tmp_path / "replay.json"
+    argv = ["--replay", "--device", "sn40l", "--num-experts", "4", "--model", "llama2-7b", "--num-prompts", "16",
+            "--input-len", "16", "--output-len", "4", "--request-rate", "20", "--seed", "3", "--json", str(out)]
+    assert coe.main(argv) == 0
+    ddr, host = json.loads(out.read_text())["records"]
+    assert (ddr["device"], host["device"]) == ("sn40l", "sn40l-no-ddr")
+    assert (ddr["clock"], ddr["completed"], ddr["staging"], host["staging"]) == ("emulated", 16, "ddr", "host")
+    nbytes = shard_bytes(get_model_preset("llama2-7b"), 8, 2)
+    # every copy moves one expert: switches x the hand figures of test_switching_records
+    assert ddr["emu_switch_s"] == pytest.approx(ddr["switches"] * -(-nbytes // 100) / 1e9, abs=1e-12)
+    assert host["emu_switch_s"] == pytest.approx(host["switches"] * (1200 + -(-8 * nbytes * 20 // 1109)) / 1e9,
+                                                 abs=1e-12)
+    assert 4 >= ddr["switches"] >= 2 and ddr["mean_ttft_ms"] < host["mean_ttft_ms"]
+    assert "sn40l-no-ddr" in capsys.readouterr().out
+    assert coe.main(argv) == 0  # the same seed gives the same figures
+    again = json.loads(out.read_text())["records"][0]
+    assert {**again, "wall_s": 0} == {**ddr, "wall_s": 0}

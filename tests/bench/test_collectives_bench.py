@@ -33,3 +33,26 @@ def test_rings_replace_the_ring_algorithm():
     assert collectives.with_rings(["tree"], ["search"]) == ["tree", "ring:search"]
     with pytest.raises(ValueError, match="ring order '0 x': expected group ranks"):
         collectives.with_rings(["ring"], ["0 x"])
+
+
+def test_phantom_cards_take_1_gib_calls_without_the_memory(shm_prefix):
+    """Phantom cards touch no buffer: a 1 GiB all_gather costs them no 1 GiB, and gives the simulation's
+    figure; a cluster smaller than a fixed-size preset runs on its first cards."""
+    from interconnect import sim
+    from interconnect.emulation import memory_reduce_ns
+    from interconnect.topology import get_topology
+    from devices.spec import get_spec
+    from rsd_runtime.cluster import Cluster
+
+    count, spec = 1 << 28, get_spec("gpu-mi300x")  # 1 GiB of float32 gathered
+    with Cluster(num_devices=4, device="gpu-mi300x", phantom=True, topology="2s-2rp-split-flat",
+                 shm_prefix=shm_prefix) as cluster:
+        res = cluster.bench_collective("all_gather", count, algo="ring:search", warmup=1, iters=2)
+        peak = [int(next(line.split()[1] for line in open(f"/proc/{p.pid}/status") if line.startswith("VmHWM")))
+                for p in cluster.procs.values()]
+    assert max(peak) < 512 << 10, peak  # kB: far below the 1 GiB output and its 256 MiB input
+    topo = get_topology("2s-2rp-split-flat", None)
+    call = sim.Call("all_gather", count // 4, "float32", "ring:search")
+    want = sim.simulate(call, [0, 1, 2, 3], topo, memory_reduce_ns(spec.memory_bw, spec.memory_efficiency),
+                        [(0, 0, 0)] * 4)
+    assert res["emu_ns"] == max(c for c, _, _ in want)

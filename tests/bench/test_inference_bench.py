@@ -50,6 +50,7 @@ def test_batch_that_does_not_fit_names_card_and_missing_memory(shm_prefix):
     (["--device", "nosuch"], "unknown device preset 'nosuch'"),
     (["--model", "llama3-8b", "--tp", "3"], "cannot split this model over tp=3"),
     (["--topology", "torus"], "unknown topology 'torus'"),
+    (["--tp", "2", "--instances", "2", "--placement", "0 4|0 5"], "--placement: instance 1 takes a card twice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     proc = subprocess.run([sys.executable, "-m", "bench.inference", *args], capture_output=True, text=True,

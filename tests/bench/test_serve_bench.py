@@ -32,6 +32,19 @@ def test_bench_serve_measures_a_live_server(tmp_path, capsys):
     assert "Serving Benchmark Result" in capsys.readouterr().out
 
 
+def test_compare_offline_alternates_rounds_on_the_same_prompts(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    code = serve.main(["--launch", "--tp", "1", "--num-prompts", "4", "--input-len", "8", "--output-len", "6",
+                       "--compare-offline", "--rounds", "2", "--json", str(out), "--disable-tqdm"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    rounds = doc["offline"]["rounds"]
+    assert len(rounds) == 2 and all(r["total_output_tokens"] == doc["total_output_tokens"] == 24 for r in rounds)
+    ratios = sorted(r["server_over_offline"] for r in rounds)
+    assert doc["offline"]["server_over_offline"] == pytest.approx((ratios[0] + ratios[1]) / 2)
+    assert "median ratio" in capsys.readouterr().out
+
+
 def test_arrivals_repeat_and_have_the_asked_rate():
     a = arrival_times(2000, 10.0, 1.0, seed=3)
     assert a == arrival_times(2000, 10.0, 1.0, seed=3) and a[0] == 0.0

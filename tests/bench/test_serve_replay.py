@@ -43,6 +43,17 @@ def test_replay_on_card_processes_equals_the_in_process_instances(tmp_path):
     assert emulated(sim) == emulated(cards)
 
 
+def test_replay_on_a_study_topology_puts_tp8_in_one_box(tmp_path):
+    """A 16-card study preset under tp=8 instances: each takes the first box, whatever joins the boxes."""
+    args = ("--phantom", "--model", "llama3-8b", "--device", "gpu-mi300x", "--tp", "8", "--num-prompts", "4")
+    std = replay(tmp_path, "std", *args, "--topology", "1s-2rp-std-cascade")
+    split = replay(tmp_path, "split", *args, "--topology", "2s-2rp-split-flat")
+    tree = replay(tmp_path, "tree", *args, "--topology", "switch-tree")  # 8 cards over two leaf switches
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "topology"} for r in runs]  # noqa: E731
+    assert std["runs"][0]["completed"] == 4
+    assert strip(emulated(std)) == strip(emulated(split)) != strip(emulated(tree))
+
+
 def test_real_tiny_model_on_cards_gives_the_phantom_emulated_figures(tmp_path):
     from rsd_runtime.tiny_model import ensure_tiny_model
 
@@ -58,17 +69,23 @@ def test_real_tiny_model_on_cards_gives_the_phantom_emulated_figures(tmp_path):
     (["--routing", "fastest"], "unknown routing policy 'fastest'"),
     (["--instances", "0"], "--instances must be >= 1"),
     (["--request-rate", "4,x"], "--request-rate takes a comma-separated list"),
+    (["--kv-utilization", "1.5"], "--kv-utilization must be in"),
 ])
 def test_bad_replay_options_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         serve.main([*SMALL, "--phantom", *args])
 
 
-def test_a_trace_with_a_negative_time_is_refused(tmp_path):
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": [5, 6], "output_len": 4, "arrival_s": -1}', "trace.jsonl:2: field 'arrival_s'"),
+    ('{"prompt": [5, 6], "arrival_s": 1.0}', "trace.jsonl:2: field 'output_len'"),
+    ('{"output_len": 4, "arrival_s": 1.0}', "trace.jsonl:2: field 'prompt'"),
+    ('{"prompt": [5, 6], "output_len": 4}', "arrival_s is given on some lines but not all"),
+])
+def test_a_bad_trace_is_refused_naming_line_and_field(tmp_path, line, message):
     trace = tmp_path / "trace.jsonl"
-    trace.write_text('{"prompt": [5, 6, 7], "output_len": 4, "arrival_s": 0.5}\n'
-                     '{"prompt": [5, 6], "output_len": 4, "arrival_s": -1}\n')
-    with pytest.raises(ValueError, match="trace.jsonl:2: field 'arrival_s'"):
+    trace.write_text('{"prompt": [5, 6, 7], "output_len": 4, "arrival_s": 0.5}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
         serve.main([*SMALL, "--phantom", "--dataset", str(trace)])
 
 
@@ -85,3 +102,16 @@ def test_replay_trace_draws_every_instance_and_host_costs_slow_it(tmp_path):
     assert names == {0: "host", -1: "host of instance 1", 1: "card 0", 2: "card 1", 3: "card 2", 4: "card 3"}
     assert {e["name"] for e in ev if e["ph"] == "X" and e["pid"] <= 0 and e["tid"] > 1} == {
         "prepare", "sample", "detokenise"}
+
+
+def test_bad_trace_and_policy_exit_2_with_one_line(tmp_path, capsys):
+    from bench.common import entry
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"prompt": [5], "output_len": 4, "arrival_s": -1}\n')
+    for argv in (["--dataset", str(trace)], ["--routing", "fastest"]):
+        with pytest.raises(SystemExit) as exc:
+            entry(lambda: serve.main([*SMALL, "--phantom", *argv]), "python -m bench.serve")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err

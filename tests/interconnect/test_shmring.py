@@ -58,11 +58,9 @@ def test_records_arrive_whole_and_in_order_from_several_senders(shm_prefix):
         deadline = time.monotonic() + 60
         while sum(got.values()) < 2 * NUM_RECORDS and time.monotonic() < deadline:
             seen = inbox.doorbell()
-            inbox.sleeping(True)
             ready = inbox.ready()
             if not ready.size:
                 inbox.sleep(seen, 0.05)
-            inbox.sleeping(False)
             for slot in ready:
                 while (rec := inbox.take(int(slot))) is not None:
                     assert rec == _record(int(slot), got[int(slot)])  # whole, and the next one in order
@@ -101,34 +99,36 @@ def _fabric(ctx, run: str, rank: int, run_dir: str, n: int = 2) -> Fabric:
     return fabric
 
 
-def _exchanges(group: ProcessGroup, calls: int) -> None:
+def _exchanges(group: ProcessGroup, calls: int, mode: str = "values") -> None:
+    """``calls`` exchanges, each checked: a few ints (phantom collectives) or a phantom step's hundreds."""
     for _ in range(calls):
         seq = group.begin()
-        got = group.exchange(seq, [group.rank, seq, 10**12 + group.rank * seq])
-        assert got == [[r, seq, 10**12 + r * seq] for r in range(group.size)], got
+        want = [[r, seq, 10**12 + r * seq] + ([r * seq] * 131 if mode == "step" else []) for r in range(group.size)]
+        assert group.exchange(seq, want[group.rank]) == want
 
 
-def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int) -> None:
+def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int, mode: str) -> None:
     ctx = zmq.Context()
     fabric = _fabric(ctx, run, rank, run_dir, n)
     ready.wait(10)  # every member has its inbox
-    _exchanges(ProcessGroup(fabric, list(range(n))), calls)
+    _exchanges(ProcessGroup(fabric, list(range(n))), calls, mode)
     time.sleep(60)  # stays in the group until killed
 
 
-def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_prefix):
+@pytest.mark.parametrize("mode", ["values", "step"])
+def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_prefix, mode):
     run, n, calls = _run_name(shm_prefix), 3, 300
     ctx = zmq.Context()
     with tempfile.TemporaryDirectory(prefix="rsd-ring-") as run_dir:
         fabric = _fabric(ctx, run, 0, run_dir, n)
         ready = SPAWN.Barrier(n)
-        peers = [SPAWN.Process(target=_board_peer, args=(run, run_dir, r, n, ready, calls)) for r in (1, 2)]
+        peers = [SPAWN.Process(target=_board_peer, args=(run, run_dir, r, n, ready, calls, mode)) for r in (1, 2)]
         for p in peers:
             p.start()
         try:
             group = ProcessGroup(fabric, list(range(n)))
             ready.wait(30)
-            _exchanges(group, calls)  # every call's values, from every member, in group order
+            _exchanges(group, calls, mode)  # every call's values, from every member, in group order
             os.kill(peers[1].pid, signal.SIGKILL)
             t0 = time.monotonic()
             with pytest.raises(FabricError, match=rf"card 2 \(pid {peers[1].pid}\) died while this card waited"):

@@ -70,3 +70,13 @@ def test_phantom_cards_simulating_each_call_give_the_real_cards_figures(clusters
         a = real.bench_collective(kind, count, "float32", algo=algo, root=1, warmup=1, iters=1)
         b = phantom.bench_collective(kind, count, "float32", algo=algo, root=1, warmup=1, iters=1)
         assert a["wrong"] == 0 and b["emu_ns"] == a["emu_ns"], (count, a, b)
+
+
+@pytest.mark.parametrize("kind,algo", [("all_reduce", "dbtree"), ("all_gather", "ring:0 1 2 3|3 2 1 0"),
+                                       ("reduce_scatter", "ring:0 2 1 3|3 1 2 0")])
+def test_phantom_double_trees_and_multi_channel_rings_give_the_real_cards_figures(clusters, kind, algo):
+    real, phantom = clusters
+    for count in (4 * 3, 4 * 300_000):
+        a = real.bench_collective(kind, count, "float32", algo=algo, warmup=1, iters=1)
+        b = phantom.bench_collective(kind, count, "float32", algo=algo, warmup=1, iters=1)
+        assert a["wrong"] == 0 and b["emu_ns"] == a["emu_ns"], (count, a, b)

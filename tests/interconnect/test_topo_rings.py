@@ -142,3 +142,14 @@ def test_explicit_orders_parse():
     assert ring_search.parse(" 0 1 2 | 2 1 0", 3) == RingSet(((0, 1, 2), (2, 1, 0)))
     with pytest.raises(ValueError, match="ring order 0 0 1 is not an order of the 3 group ranks"):
         ring_search.parse("0 0 1", 3)
+
+
+def test_the_double_binary_tree_keeps_its_ports_busy():
+    """4 cards on one switch, 64 MiB: a rank inner in one tree receives two children's halves and its
+    parent's result there (1.5 S) and its parent's result in the other (0.5 S), and sends as much:
+    2 S through each port, so 2 S / B is the floor. Its pieces pipeline to within 1.5 x of it."""
+    topo = get_topology("switch", 4)
+    nbytes = 64 << 20
+    floor = 2 * nbytes / topo.link.bandwidth_gbps  # ns
+    t = emulated_ns(topo, "all_reduce", "dbtree", nbytes, [0, 1, 2, 3])
+    assert floor <= t <= 1.5 * floor, (t, floor)

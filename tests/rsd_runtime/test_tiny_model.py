@@ -43,8 +43,8 @@ def test_losing_the_race_to_another_builder_is_fine(tmp_path, monkeypatch):
     build = tiny_model.build_tiny_model
     rounds = []
 
-    def build_while_another_finishes_first(out):
-        build(out)
+    def build_while_another_finishes_first(out, *args):
+        build(out, *args)
         if not rounds:  # the competitor builds and renames into place between our build and rename
             rounds.append(out)
             ensure_tiny_model(tmp_path)
