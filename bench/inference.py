@@ -30,7 +30,7 @@ from bench.common import entry, write_json
 from devices.memory import OutOfDeviceMemory
 from devices.spec import get_spec
 from interconnect.topology import topology_names
-from rsd_runtime.cli import DefaultsFormatter
+from rsd_runtime.cli import DefaultsFormatter, add_compiler_args
 from rsd_runtime.perf import BatchTiming, PerfRunner, batch_timing, placement_of
 
 
@@ -65,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--card-price", type=float, help="USD per card, for TPS per dollar")
     p.add_argument("--scaling-tp", type=int, nargs="*", help="tp values for the scaling table (default: --tp)")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    add_compiler_args(p)
+    p.add_argument("--breakdown", action="store_true",
+                   help="print where a prefill and a decode step's time goes (first batch size)")
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write a Chrome/Perfetto trace of instance 0's steps (emulated clock)")
     p.add_argument("--json", metavar="PATH", help="write the records here")
     p.add_argument("--plot", metavar="PNG", help="draw TPS and TPOT against batch, and TPS against cards")
     p.add_argument("--shm-prefix", default="rsdbench", help="prefix of segments (--backend cards)")
@@ -88,7 +93,8 @@ def runner(args, tp: int, instances: int) -> PerfRunner:
     kw = {"shm_prefix": args.shm_prefix} if args.backend == "cards" else {}
     placement = args.placement[:instances] if args.placement and tp == args.tp else None
     return PerfRunner(args.model, tp=tp, instances=instances, device=args.device, dtype=args.dtype,
-                      backend=args.backend, topology=args.topology, link=args.link, placement=placement, **kw)
+                      backend=args.backend, topology=args.topology, link=args.link, placement=placement,
+                      fusion=args.fusion, overlap=args.overlap, host_overhead=args.host_overhead, **kw)
 
 
 def power_w(args, spec, cards: int) -> float:
@@ -100,12 +106,13 @@ def record(args, spec, r: PerfRunner, bt: BatchTiming) -> dict:
     tps = bt.tps(r.instances)
     watts = power_w(args, spec, cards)
     return {"model": args.model, "device": spec.name, "topology": args.topology, "tp": r.tp,
-            "instances": r.instances, "placement": r.placement, "cards": cards, "batch": bt.batch, "input_len": args.input_len,
+            "instances": r.instances, "placement": r.placement, "cards": cards, "batch": bt.batch,
+            "input_len": args.input_len,
             "output_len": args.output_len, "emu_ttft_s": bt.ttft_ns * 1e-9, "emu_tpot_s": bt.tpot_ns * 1e-9,
             "emu_total_s": bt.total_ns * 1e-9, "emu_tps": tps, "emu_tps_per_card": tps / cards, "watts": watts,
             "emu_tps_per_watt": tps / watts,
             "emu_tps_per_dollar": tps / (cards * args.card_price) if args.card_price else None,
-            "clock": "emulated"}
+            "fusion": args.fusion, "overlap": args.overlap, "host_overhead": args.host_overhead, "clock": "emulated"}
 
 
 def batches(args, r: PerfRunner) -> tuple[list[int], int]:
@@ -128,7 +135,8 @@ def timing(args, r: PerfRunner, b: int) -> BatchTiming:
 
 def print_header(args, spec, r: PerfRunner, fit: int) -> None:
     print(f"# {args.model} on {args.tp} x {args.instances} {spec.name} cards (tp x instances), phantom, "
-          f"{args.topology} topology; input {args.input_len}, output {args.output_len} tokens")
+          f"{args.topology} topology; input {args.input_len}, output {args.output_len} tokens; fusion {args.fusion}, "
+          f"overlap {args.overlap}, host overhead {args.host_overhead}")
     print(f"# cards of each instance: {' | '.join(' '.join(map(str, g)) for g in r.placement)}")
     print(f"# KV cache: {r.kv_tokens()} tokens per instance, so at most {fit} sequences of "
           f"{args.input_len + args.output_len} tokens per instance: the sweep stops there")
@@ -158,6 +166,24 @@ def scaling(args, spec, best_by_tp: dict[int, dict]) -> list[dict]:
             print(f"{rec['cards']:>6} {tp:>4} {k:>5} {rec['batch']:>6} {rec['emu_tps']:>10.1f} "
                   f"{rec['emu_tps_per_card']:>9.1f} {rec['emu_tps_per_watt']:>8.3f}", flush=True)
     return rows
+
+
+def breakdown(args, r: PerfRunner, batch: int) -> dict:
+    """Print and return where a prefill step (the first of the batch) and a decode step go."""
+    from rsd_runtime.breakdown import step_breakdown
+    from rsd_runtime.perf import _prefill_steps
+
+    steps = {"prefill": [(n, p0) for _, n, p0 in _prefill_steps(batch, args.input_len, args.chunk)[0]],
+             "decode": [(1, args.input_len)] * batch}
+    got = {k: step_breakdown(r.engines[0], seqs, r.host) for k, seqs in steps.items()}
+    print(f"\n# where a step's time goes, card 0, batch {batch} [emulated clock, us]")
+    print(f"{'':>22} {'prefill':>12} {'decode':>12}")
+    names = list(dict.fromkeys(n for b in got.values() for n, _ in b.rows()))
+    out = {k: dict(b.rows()) | {"step": b.step_ns, "chunks": b.chunks} for k, b in got.items()}
+    for name in names + ["step"]:
+        print(f"{name:>22} " + " ".join(f"{out[k].get(name, 0) / 1e3:>12.1f}" for k in steps))
+    print(f"{'chunks':>22} " + " ".join(f"{out[k]['chunks']:>12}" for k in steps))
+    return out
 
 
 def plot(path: str, rows: list[dict], scale: list[dict], args) -> None:
@@ -201,8 +227,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     spec = get_spec(args.device)
     t0 = time.perf_counter()
-    rows = []
+    rows, split, trace = [], None, None
     with runner(args, args.tp, args.instances) as r:
+        if args.trace:
+            from rsd_runtime.trace import Trace
+
+            trace = Trace()
+            r.start_trace(trace)
         sizes, fit = batches(args, r)
         if fit < 1:
             raise OutOfDeviceMemory(f"card 0: the KV cache ({r.kv_tokens()} tokens) cannot hold one sequence "
@@ -211,6 +242,11 @@ def main(argv=None) -> int:
         for b in sizes:
             rows.append(record(args, spec, r, timing(args, r, b)))
             print_row(rows[-1], args)
+        if args.breakdown:
+            split = breakdown(args, r, sizes[0])
+    if trace is not None:
+        trace.write(args.trace)
+        print(f"# wrote the trace to {args.trace} (emulated clock; instance 0)")
     best = max(rows, key=lambda x: x["emu_tps"])
     print(f"# max TPS at best batch: {best['emu_tps']:.1f} tokens/s at batch {best['batch']} per instance "
           f"({best['emu_tps_per_watt']:.3f} TPS/W)")
@@ -234,7 +270,7 @@ def main(argv=None) -> int:
         config = {k: v for k, v in vars(args).items() if k != "json"}
         config["batch_size"] = [x["batch"] for x in rows]  # as run (a sweep chooses them)
         write_json(args.json, "inference", config, rows, best=best, scaling=scale, device=spec.to_dict(),
-                   wall_s=wall)
+                   breakdown=split, wall_s=wall)
         print(f"# wrote {args.json}")
     if args.plot:
         plot(args.plot, rows, scale, args)

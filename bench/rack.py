@@ -28,6 +28,7 @@ import time
 
 from bench.serve_metrics import RequestResult, print_table, summarize
 from bench.workload import load_dataset, schedule, synthetic_prompts
+from rsd_runtime.cli import add_compiler_args
 
 
 def add_args(p) -> None:
@@ -53,6 +54,10 @@ def add_args(p) -> None:
     g.add_argument("--card-price", type=float, help="USD per card, for TPS per dollar")
     g.add_argument("--plot", metavar="PNG", help="replay: throughput against instances and latency against rate; "
                    "live: each request's TTFT against its send time, by the instance that served it")
+    g.add_argument("--trace", metavar="FILE.json",
+                   help="write a Chrome/Perfetto trace of the first (instances, rate) replayed: every instance's "
+                        "cards and host on the emulated clock")
+    add_compiler_args(g)
 
 
 def _list(text: str, kind, flag: str) -> list:
@@ -77,7 +82,8 @@ def make_engines(args, k: int) -> list:
 
     kw = dict(device=args.device, phantom=args.phantom, progress=False, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.max_num_batched_tokens,
-              backend=args.backend if args.phantom else "cards", topology=args.topology,
+              backend=args.backend if args.phantom else "cards", topology=args.topology, fusion=args.fusion,
+              overlap=args.overlap, host_overhead=args.host_overhead,
               kv_utilization=args.kv_utilization if args.phantom else None)
     return [LLMEngine(args.model, args.tp, shm_prefix=f"rsdrack{i}", **kw) if kw["backend"] == "cards"
             else LLMEngine(args.model, args.tp, **kw) for i in range(k)]
@@ -98,7 +104,7 @@ def results_of(records) -> list[RequestResult]:
     return out
 
 
-def run_one(args, k: int, rate: float, requests, spec, progress: bool = True) -> dict:
+def run_one(args, k: int, rate: float, requests, spec, progress: bool = True, trace=None) -> dict:
     from tqdm import tqdm
 
     from rsd_runtime.replay import Replay, ReplayRequest
@@ -106,6 +112,8 @@ def run_one(args, k: int, rate: float, requests, spec, progress: bool = True) ->
 
     engines = make_engines(args, k)
     try:
+        for i, e in enumerate(engines if trace is not None else []):
+            e.start_trace(trace, host_pid=-i, card_offset=i * args.tp)
         replay = Replay(engines, get_policy(args.routing), router_hop_ns=round(args.router_hop_us * 1e3))
         reqs = [ReplayRequest(round(at * 1e9), prompt, out) for at, prompt, out in requests]
         t0 = time.perf_counter()
@@ -160,7 +168,15 @@ def run(args, goodput: dict | None) -> int:
         for rate in rates:
             times = schedule(specs, rate, args.burstiness, args.seed)
             requests = [(at, p.prompt, p.output_len) for at, p in zip(times, specs)]
-            s = run_one(args, k, rate, requests, spec, progress=not args.disable_tqdm)
+            trace = None
+            if args.trace and not runs:
+                from rsd_runtime.trace import Trace
+
+                trace = Trace()
+            s = run_one(args, k, rate, requests, spec, progress=not args.disable_tqdm, trace=trace)
+            if trace is not None:
+                trace.write(args.trace)
+                print(f"# wrote the trace of {k} instance(s) at {rate:g} req/s to {args.trace} (emulated clock)")
             runs.append(s)
             print_table(s, f"Replay: {k} x tp={args.tp}, {rate:g} req/s", clock="emulated")
     _scaling_table(runs)

@@ -10,9 +10,12 @@ Assumptions (documented in README, "Emulated performance"):
 * Every op streams its operands from device DRAM once: weights, activations
   in and out, and the KV cache an attention step reads. On-chip SRAM reuse
   beyond that (tiling inside one op) is folded into the efficiency factors.
-* Ops do not overlap each other on one card; communication runs on the
-  fabric's emulated clock (``interconnect.emulation``) and the compute stream
-  waits for it.
+  Fused groups (``devices.fusion``) pay one launch and only the traffic that
+  leaves SRAM.
+* Compute ops do not overlap each other on one card; communication runs on the
+  card's data-movement engine and the fabric's emulated clock
+  (``interconnect.emulation``), beside compute where the schedule lets it
+  (``devices.schedule``).
 * FLOPs count a multiply-add as 2. Attention counts QK^T and PV over the whole
   context of each query token (causal masking is not subtracted: the kernels
   of the class of card emulated here compute whole tiles).

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from devices import rope
-from devices.cost import CostModel
-from devices.step import StepCosts, StepPlan
+from devices.program import StepProgram
+from devices.schedule import WHOLE, chunk_count, split_plan, walk
+from devices.step import StepPlan
 from interconnect import collectives as coll
 from interconnect.group import ProcessGroup
 
@@ -40,25 +41,44 @@ class Executor:
         for name, stored in names.items():
             t = card.arena.tensor(stored, as_torch=True)
             self.w[name] = t if t.dtype == self.dtype else t.to(self.dtype)
-        cost = CostModel(card.spec, m["weight_dtype"], m["compute_dtype"])
-        self.costs = StepCosts(cost, m, {n: tuple(card.arena.entries[a][2]) for n, a in names.items()})
+        shapes = {n: tuple(card.arena.entries[a][2]) for n, a in names.items()}
+        self.program = StepProgram(self.ops, m, card.spec, shapes)
         self.kv = card.kv.tensors()
 
     # -- one step ---------------------------------------------------------------------
     def step(self, step: StepPlan) -> torch.Tensor | None:
-        self.shape = step
-        positions = torch.from_numpy(step.positions)
-        env = {"tokens": torch.from_numpy(step.token_ids.astype(np.int64)), "positions": positions}
-        self.seqs, self.T = step.seqs, step.num_tokens
-        self.rows = torch.tensor(step.logit_rows, dtype=torch.int64)
-        self.cos, self.sin = rope.cos_sin(positions, self.freq, self.dtype)
-        self.decode = self._decode_plan(step, self.kv[0].shape[2])
+        """Run the step's tasks on the card's engines (``devices.schedule``); the logits, if this card
+        returns them. Each chunk of the step's rows keeps its own buffers; the tail runs on all rows."""
+        k = chunk_count(step, step.chunks)
+        tasks, prog, clock = self.program.tasks(k), self.program, self.card.clock
+        chunks = [_Context(p, self) for p in split_plan(step, k)]
+        whole = chunks[0] if k == 1 else None
         out = None
-        for op in self.ops:
-            ns = self.costs.time_ns(op, step)
-            if ns is not None:
-                self.card.clock.now += ns
-            out = getattr(self, "op_" + op["op"])(op, env)
+
+        def compute(i, start):
+            nonlocal whole, out
+            task = tasks[i]
+            if task.chunk == WHOLE and whole is None:
+                whole = _Context(step, self)
+                whole.env.update({n: torch.cat([c.env[n] for c in chunks]) for n in prog.tail_inputs})
+            ctx = whole if task.chunk == WHOLE else chunks[task.chunk]
+            ctx.enter(self)
+            for j in task.ops:
+                got = getattr(self, "op_" + self.ops[j]["op"])(self.ops[j], ctx.env)
+                if got is not None:
+                    out = got
+            return start + prog.compute_ns(task.ops, ctx.plan)
+
+        def collective(i, start):
+            task = tasks[i]
+            ctx = whole if task.chunk == WHOLE else chunks[task.chunk]
+            ctx.enter(self)
+            clock.now = start
+            op = self.ops[task.ops[0]]
+            getattr(self, "op_" + op["op"])(op, ctx.env)
+            return clock.now
+
+        clock.now = max(walk(tasks, clock.now, compute, collective).values())
         return out
 
     def op_embed(self, op, env):
@@ -173,3 +193,19 @@ class Executor:
 
     def op_output(self, op, env):
         return env[op["buf"]][:, :op["cols"]].to(torch.float32).contiguous()
+
+
+class _Context:
+    """One chunk of a step (or the whole step): its plan, buffers, RoPE tables and decode indices."""
+
+    def __init__(self, plan: StepPlan, ex: Executor):
+        self.plan = plan
+        positions = torch.from_numpy(plan.positions)
+        self.env = {"tokens": torch.from_numpy(plan.token_ids.astype(np.int64)), "positions": positions}
+        self.rows = torch.tensor(plan.logit_rows, dtype=torch.int64)
+        self.cos, self.sin = rope.cos_sin(positions, ex.freq, ex.dtype)
+        self.decode = ex._decode_plan(plan, ex.kv[0].shape[2])
+
+    def enter(self, ex: Executor) -> None:
+        ex.shape, ex.seqs, ex.T, ex.rows = self.plan, self.plan.seqs, self.plan.num_tokens, self.rows
+        ex.cos, ex.sin, ex.decode = self.cos, self.sin, self.decode

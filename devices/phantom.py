@@ -5,44 +5,25 @@ charges (``devices.step``) and runs every collective with the payload's
 nominal size, so peers and links are charged as for real data. It needs no
 torch: a rack of phantom cards fits in a few GB of host memory.
 
-The stream is cut into segments: the compute ops between two collectives,
-charged as one integer sum, then the collective. A step's clocks depend only on
+It walks the same tasks on the same two engines as the real executor
+(``devices.schedule``, ``devices.program``). A step's clocks depend only on
 every rank's entry state (clock, send port, receive port) and every rank's
-segment costs, so phantom cards exchange those once per step and each walks the
-whole step for all ranks (``walk``), running each collective through the
-simulation (``interconnect.sim``, ``devices.walk``): one rendezvous per step
-instead of one per collective, and the same integers. ``rsd_runtime.sim_runner`` walks the same
-segments in one process.
+task costs, so phantom cards exchange those once per step and each walks the
+whole step for all ranks (``devices.walk``), running each collective through
+the simulation (``interconnect.sim``): one rendezvous per step instead of one
+per collective, and the same integers. ``rsd_runtime.sim_runner`` walks the
+same tasks in one process.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from devices.cost import CostModel
-from devices.step import StepCosts, StepPlan
-from devices.walk import walk
+from devices.program import StepProgram
+from devices.schedule import COMPUTE, WHOLE, chunk_count, split_plan, walk
+from devices.step import StepPlan
+from devices.walk import fold, walk as walk_segments, walk_tasks
 from interconnect import collectives as coll
 from interconnect.sim import Call
-
-COLLECTIVES = ("all_reduce", "all_gather")
-
-
-def segments(ops: list[dict]) -> list[tuple[list[dict], dict | None]]:
-    """[(compute ops, the collective that follows them or None)], in stream order."""
-    out, run = [], []
-    for op in ops:
-        if op["op"] in COLLECTIVES:
-            out.append((run, op))
-            run = []
-        else:
-            run.append(op)
-    out.append((run, None))
-    return out
-
-
-def collective_call(op: dict, costs: StepCosts, step: StepPlan) -> Call:
-    """The collective a phantom card runs for a stream op: its nominal bytes as uint8."""
-    return Call(op["op"], costs.comm_bytes(op, step), "uint8", "auto")
 
 
 class PhantomExecutor:
@@ -50,50 +31,71 @@ class PhantomExecutor:
         """``clock``: the card's emulated clock; ``shapes``: its weights' shapes by arena name."""
         self.clock = clock
         self.ops = program["ops"]
-        self.segments = segments(self.ops)
-        self.kinds = [op["op"] for _, op in self.segments if op is not None]
         meta = program["meta"]
-        cost = CostModel(spec, meta["weight_dtype"], meta["compute_dtype"])
-        self.costs = StepCosts(cost, meta, shapes)
+        self.program = StepProgram(self.ops, meta, spec, shapes)
         self.group = group
         self.rank = meta["tp_rank"]
         self.vocab_size = meta["vocab_size"]
 
     def step(self, step: StepPlan) -> None:
+        prog = self.program
+        k = chunk_count(step, step.chunks)
+        tasks = prog.tasks(k)
+        plans = split_plan(step, k)
         if self.group is not None and getattr(self.group.fabric, "emulate_only", False):
-            return self._step_at_once(step)
+            return self._step_at_once(step, k, tasks, plans)
         clock = self.clock
-        for i, (ops, op) in enumerate(self.segments):
-            clock.now += self.costs.segment_ns(i, ops, step)
-            if op is None:
-                continue
-            call = collective_call(op, self.costs, step)
+
+        def compute(i, start):
+            return start + prog.compute_ns(tasks[i].ops, _plan_of(tasks[i], step, plans))
+
+        def collective(i, start):
+            op = self.ops[tasks[i].ops[0]]
+            call = prog.call(op, _plan_of(tasks[i], step, plans))
+            clock.now = start
             if op["op"] == "all_reduce":
                 coll.all_reduce(np.empty(call.count, np.uint8), "sum", self.group, dtype="uint8")
             else:
                 coll.all_gather(np.empty(call.count * self.group.size, np.uint8), np.empty(call.count, np.uint8),
                                 self.group, dtype="uint8")
+            return clock.now
+
+        clock.now = max(walk(tasks, clock.now, compute, collective).values())
         return None
 
-    def _step_at_once(self, step: StepPlan) -> None:
-        """The step's collectives from one exchange of [clock, tx_free, rx_free, segment costs...,
-        collective sizes...] among the group (``walk``)."""
-        g, ports = self.group, self.group.fabric.ports
-        costs = [self.costs.segment_ns(i, ops, step) for i, (ops, _) in enumerate(self.segments)]
-        counts = [self.costs.comm_bytes(op, step) for _, op in self.segments if op is not None]
+    def _step_at_once(self, step: StepPlan, k: int, tasks: list, plans: list[StepPlan]) -> None:
+        """The step's collectives from one exchange of [clock, tx_free, rx_free, compute task costs...,
+        collective sizes...] among the group (``devices.walk``)."""
+        g, ports, prog = self.group, self.group.fabric.ports, self.program
+        costs, counts, kinds = [], [], []
+        for task in tasks:
+            plan = _plan_of(task, step, plans)
+            if task.engine == COMPUTE:
+                costs.append(prog.compute_ns(task.ops, plan))
+            else:
+                op = self.ops[task.ops[0]]
+                counts.append(prog.costs.comm_bytes(op, plan))
+                kinds.append(op["op"])
         mine = [self.clock.now, ports.tx_free, ports.rx_free, *costs, *counts]
         rows = g.exchange(g.begin(), mine)
         if any(len(row) != len(mine) for row in rows):
             raise ValueError(f"card {g.fabric.rank}: the group's phantom streams do not line up "
                              f"({sorted({len(row) for row in rows})} values per card, {len(mine)} here)")
-        k = 3 + len(costs)
-        sizes = [row[k:] for row in rows]
+        m = 3 + len(costs)
+        sizes = [row[m:] for row in rows]
         if all(row == sizes[0] for row in sizes):  # every rank sizes each collective alike (always, so far)
-            calls = [Call(kind, count, "uint8", "auto") for kind, count in zip(self.kinds, sizes[0])]
+            calls = [Call(kind, count, "uint8", "auto") for kind, count in zip(kinds, sizes[0])]
         else:
-            calls = [[Call(kind, row[j], "uint8", "auto") for row in sizes] for j, kind in enumerate(self.kinds)]
-        clocks, port_times = walk([row[3:k] for row in rows], calls, g.ranks, ports.topology, ports.reduce_ns,
-                                  [row[0] for row in rows], [(row[1], row[2]) for row in rows])
+            calls = [[Call(kind, row[j], "uint8", "auto") for row in sizes] for j, kind in enumerate(kinds)]
+        args = (g.ranks, ports.topology, ports.reduce_ns, [row[0] for row in rows], [(row[1], row[2]) for row in rows])
+        if k == 1:  # one task after another: segments, with jumps over repeating layers
+            clocks, port_times = walk_segments([fold(tasks, row[3:m]) for row in rows], calls, *args)
+        else:
+            clocks, port_times = walk_tasks(tasks, [row[3:m] for row in rows], calls, *args)
         self.clock.now = clocks[g.rank]
         ports.tx_free, ports.rx_free = port_times[g.rank]
         return None
+
+
+def _plan_of(task, step: StepPlan, plans: list[StepPlan]) -> StepPlan:
+    return step if task.chunk == WHOLE else plans[task.chunk]

@@ -25,7 +25,7 @@ class DeviceSpec:
     tdp_watts: float
     compute_efficiency: float = 0.7  # share of peak_ops a large matmul reaches
     memory_efficiency: float = 0.8  # share of memory_bw a streaming read reaches
-    op_overhead_ns: int = 2_000  # fixed cost to launch one op
+    op_overhead_ns: int = 2_000  # fixed cost to launch one unfused op (or one fused group); each preset says why
     host_link: str = "pcie-gen5-x16"
     ddr_bytes: int = 0  # a DDR tier beside device memory (0: none; host memory is reached over host_link)
     ddr_bw: float = 0.0  # DDR tier bandwidth, bytes/s
@@ -86,6 +86,9 @@ PRESETS: dict[str, DeviceSpec] = {
         memory_bw=256 * GIGA,
         sram_bytes=64 * (1 << 20),
         tdp_watts=75.0,
+        # no public launch figure for RBLN cards: assumed 2 us, a host-driven launch over PCIe of the
+        # order of a CUDA kernel launch (a few us, NVIDIA CUDA best-practices guide); calibrate to refine
+        op_overhead_ns=2_000,
         source="Rebellions ATOM+ RBLN-CA12 product brief",
     ),
     # SambaNova SN40L, Prabhakar et al., "SambaNova SN40L: Scaling the AI
@@ -101,6 +104,10 @@ PRESETS: dict[str, DeviceSpec] = {
         memory_bw=1.6e12,
         sram_bytes=520 * (1 << 20),
         tdp_watts=600.0,  # assumed socket power: SambaNova publishes only per-node figures
+        # assumed 2 us per kernel call: the SN40L paper and "Kernel Looping" (Koeplinger et al.,
+        # arXiv:2410.23668) report that synchronisation at kernel boundaries, not math, limits decode,
+        # which is why whole decoder layers are fused into one kernel (--fusion layer)
+        op_overhead_ns=2_000,
         source="SambaNova SN40L, MICRO 2024 paper",
         ddr_bytes=1536 * GiB,
         ddr_bw=100 * GIGA,

@@ -16,6 +16,9 @@ import numpy as np
 from devices.cost import CostModel, OpCost
 
 
+MAX_CHUNKS = 16  # the most row chunks a step's layers may be pipelined in
+
+
 class PlanError(ValueError):
     """A step plan that names something the card does not have (a KV block, a row, a token)."""
 
@@ -41,6 +44,7 @@ class StepPlan:
     logit_rows: list[int]  # rows whose logits the step returns, in order
     token_ids: np.ndarray | None = None  # (num_tokens,) int32; None on phantom cards
     output_rank: int = 0  # the tp rank that returns the logits
+    chunks: int = 1  # the layers run in this many row chunks (``devices.schedule``; 1: no pipelining)
     num_tokens: int = field(init=False, default=0)
 
     def __post_init__(self):
@@ -54,6 +58,8 @@ class StepPlan:
     def pack(self) -> bytes:
         doc = {"t": self.t_start, "seqs": [[s.row, s.num_tokens, s.start, s.block_table] for s in self.seqs],
                "rows": self.logit_rows, "out": self.output_rank}
+        if self.chunks != 1:
+            doc["ch"] = self.chunks
         if self.token_ids is not None:
             doc["tok"] = np.ascontiguousarray(self.token_ids, np.int32).tobytes()
         return msgpack.packb(doc, use_bin_type=True)
@@ -112,7 +118,10 @@ class StepPlan:
                 bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
                 raise PlanError(f"step plan: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
         out = _int(doc.get("out", 0), "output_rank", 0)
-        return cls(t_start, seqs, list(rows), tokens, out)
+        chunks = _int(doc.get("ch", 1), "chunks", 1)
+        if chunks > MAX_CHUNKS:
+            raise PlanError(f"step plan: chunks must be <= {MAX_CHUNKS}, got {chunks}")
+        return cls(t_start, seqs, list(rows), tokens, out, chunks)
 
 
 def _check_blocks(blocks: list, num_blocks: int) -> None:
@@ -137,7 +146,6 @@ def _int(v, name: str, lo: int) -> int:
     return v
 
 
-_ATTENTION = {"op": "attention"}
 # The ops StepCosts.of prices (each pays the device's fixed op overhead); the others only move data.
 COMPUTE_OPS = frozenset({"embed", "rmsnorm", "linear", "add", "silu_mul", "attention"})
 
@@ -148,16 +156,14 @@ class StepCosts:
     def __init__(self, cost: CostModel, meta: dict, shapes: dict[str, tuple]):
         self.cost, self.meta, self.shapes = cost, meta, shapes
         self._memo: dict = {}
-        self._attn_step = self._attn_ns = None
 
     def time_ns(self, op: dict, step: StepPlan) -> int | None:
         """Emulated ns of ``op`` in ``step`` (None for ops that only move data), remembered: ops of the
-        same kind and shape cost the same in every layer, and attention the same in every layer of a step."""
+        same kind and shape cost the same in every layer (attention, which depends on the contexts, is
+        remembered per step by ``devices.program``)."""
         kind = op["op"]
         if kind == "attention":
-            if step is not self._attn_step:  # held, so a later plan cannot reuse its address
-                self._attn_step, self._attn_ns = step, self.cost.time_ns(self.of(op, step))
-            return self._attn_ns
+            return self.cost.time_ns(self.of(op, step))
         key = (kind, self.shapes.get(op.get("w")), op.get("b") is not None, op.get("out") == "logits",
                step.num_tokens, len(step.logit_rows))
         ns = self._memo.get(key, -1)
@@ -168,18 +174,6 @@ class StepCosts:
                 self._memo.clear()
             self._memo[key] = ns
         return ns
-
-    def segment_ns(self, index: int, ops: list[dict], step: StepPlan) -> int:
-        """Emulated ns of a run of compute ops (no collective among them): the same integer sum as
-        charging them one by one, remembered per shape of the step."""
-        key = ("seg", index, step.num_tokens, len(step.logit_rows))
-        got = self._memo.get(key)
-        if got is None:
-            got = (sum(self.time_ns(op, step) or 0 for op in ops if op["op"] != "attention"),
-                   sum(1 for op in ops if op["op"] == "attention"))
-            self._memo[key] = got
-        fixed, n_attn = got
-        return fixed + n_attn * self.time_ns(_ATTENTION, step) if n_attn else fixed
 
     def of(self, op: dict, step: StepPlan) -> OpCost | None:
         kind, T, m = op["op"], step.num_tokens, self.meta

@@ -13,9 +13,14 @@ those at ``i - p`` shifted by ``d``, and the segments from ``i`` on repeat the
 ``p`` before them, each further period adds exactly ``d``, so ``walk`` jumps
 over those periods instead of simulating them. The result is the same integers
 as walking every segment; only the number of simulated segments changes.
+
+A step whose layers run in chunks (``devices.schedule``) overlaps collectives
+with compute on each card's two engines; ``walk_tasks`` walks its tasks for all
+ranks the same way, without jumps.
 """
 from __future__ import annotations
 
+from devices.schedule import COMPUTE, DMA, start_of
 from interconnect import sim
 from interconnect.sim import Call
 
@@ -82,3 +87,50 @@ def _jump(history: list, sigs: list, i: int):
         if run >= p:
             return run // p, p, d
     return None
+
+
+def fold(tasks: list, task_costs: list[int]) -> list[int]:
+    """An unchunked step's tasks (each after the one before it) as the segments ``walk`` takes:
+    per collective, the ns of the compute tasks before it, then the ns after the last one.
+    ``task_costs``: the ns of each compute task, in order."""
+    out, acc, costs = [], 0, iter(task_costs)
+    for task in tasks:
+        if task.engine == COMPUTE:
+            acc += next(costs)
+        else:
+            out.append(acc)
+            acc = 0
+    out.append(acc)
+    return out
+
+
+def walk_tasks(tasks: list, costs: list[list[int]], calls: list, cards: list[int], topology, reduce_ns,
+               clocks: list[int], ports: list[tuple[int, int]], on_task=None
+               ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Every rank's (clock, (tx_free, rx_free)) after a step of tasks on two engines
+    (``devices.schedule``): each rank's engines on their own timelines, each collective simulated
+    from the ranks' states when it starts. ``costs[r][j]``: ns of compute task ``j`` on rank ``r``;
+    ``calls[j]``: collective task ``j`` (a ``Call``, or one per rank). ``on_task(i, starts, ends, call)``
+    is told each task's times. With one chunk this is ``walk`` (which jumps over repeating layers)."""
+    n, cards = len(cards), tuple(cards)
+    free = [{COMPUTE: c, DMA: c} for c in clocks]
+    ready = [[0] * len(tasks) for _ in range(n)]
+    txs, rxs = tuple(p[0] for p in ports), tuple(p[1] for p in ports)
+    jc = jd = 0
+    for i, task in enumerate(tasks):
+        starts = [start_of(task, free[r], ready[r]) for r in range(n)]
+        call = None
+        if task.engine == COMPUTE:
+            ends = [starts[r] + costs[r][jc] for r in range(n)]
+            jc += 1
+        else:
+            call = calls[jd]
+            jd += 1
+            ends = list(starts)
+            if n > 1:
+                ends, txs, rxs = _collective(call, cards, topology, reduce_ns, tuple(starts), txs, rxs)
+        for r in range(n):
+            free[r][task.engine] = ready[r][i] = ends[r]
+        if on_task is not None:
+            on_task(i, starts, list(ends), call)
+    return [max(f.values()) for f in free], list(zip(txs, rxs))

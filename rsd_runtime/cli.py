@@ -150,11 +150,50 @@ def _generate_args(p):
     p.add_argument("--inject", action="append", default=[], metavar="FAULT",
                    help="inject a fault (repeatable): kill:card=C:step=K, pause:card=C:step=K:seconds=T, "
                         "link:src=A:dst=B:bw=F:lat_us=L:from_ns=T (bandwidth x F, latency + L from emulated T)")
+    add_compiler_args(p)
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write a Chrome/Perfetto trace of the run on the emulated clock")
     chk = p.add_mutually_exclusive_group()
     chk.add_argument("--check-weights", dest="check_weights", action="store_true", default=None,
                      help="read every tensor first and name the first holding NaN or Inf (default: only "
                           "checkpoints up to 1 GiB)")
     chk.add_argument("--no-check-weights", dest="check_weights", action="store_false")
+
+
+def overlap_arg(text: str):
+    from rsd_runtime.pipelining import parse_overlap
+
+    try:
+        parse_overlap(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def host_arg(text: str):
+    from rsd_runtime.host_spec import get_host
+
+    try:
+        get_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_compiler_args(p) -> None:
+    """--fusion, --overlap, --host-overhead: the compiler's choices and the host's costs."""
+    from devices.fusion import FUSIONS
+    from rsd_runtime.host_spec import HOSTS
+
+    p.add_argument("--fusion", choices=FUSIONS, default="none",
+                   help="none: every op alone; ops: the usual fused groups; layer: a layer's ops in one launch, "
+                        "intermediates in on-chip SRAM")
+    p.add_argument("--overlap", type=overlap_arg, default="off", metavar="off|on|K",
+                   help="layer pipelining: on lets the compiler cut steps into row chunks whose all_reduce "
+                        "hides behind the next chunk (when that is faster); K forces K chunks")
+    p.add_argument("--host-overhead", type=host_arg, default="off", metavar="off|on|HOST",
+                   help=f"charge the host's scheduling, sampling, detokenising and API work (on: "
+                        f"xeon-python; presets: {', '.join(HOSTS)})")
 
 
 SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -176,8 +215,15 @@ def cmd_generate(args) -> int:
     check_tokenizer(args.model, args.phantom, prompts)
     with LLM(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
              phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json,
-             check_weights=args.check_weights) as llm:
+             check_weights=args.check_weights, fusion=args.fusion, overlap=args.overlap,
+             host_overhead=args.host_overhead) as llm:
         engine = llm.engine
+        trace = None
+        if args.trace:
+            from rsd_runtime.trace import Trace
+
+            trace = Trace()
+            engine.start_trace(trace)
         warn_capped(engine, prompts, params)
         engine.cluster.apply_faults(faults)
         for line in faults.describe():
@@ -191,6 +237,10 @@ def cmd_generate(args) -> int:
             if stream is not None:
                 print(flush=True)  # the streamed line ends
         spec = engine.cluster.spec.name
+        if trace is not None:
+            trace.write(args.trace)
+            print(f"rsd-launch: wrote the trace to {args.trace} (emulated clock; open it in ui.perfetto.dev)",
+                  file=sys.stderr)
     times.update(engine.timings, total_s=time.time() - psutil.Process().create_time())  # imports included
     if args.json:
         print(json.dumps([{**o.to_dict(), "model": args.model or "tiny-llama (built in)", "tp": args.tp,
@@ -322,6 +372,7 @@ def _serve_args(p):
     add("--device", default="atom-plus", help=f"device preset: {', '.join(PRESETS)}")
     add("--phantom", action="store_true", help="cards account for memory and time but hold no bytes")
     add("--shm-prefix", default=shm.DEFAULT_PREFIX, help="prefix of the run's /dev/shm segments")
+    add_compiler_args(p)
     rack = p.add_argument_group("a rack: several instances behind a router (--instances K)")
     rack.add_argument("--instances", type=int, default=1,
                       help="instance servers to start, each with --tp cards of its own, behind a router on --port")
@@ -388,7 +439,7 @@ def cmd_serve(args) -> int:
         llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
                        device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       progress=False)
+                       progress=False, fusion=args.fusion, overlap=args.overlap, host_overhead=args.host_overhead)
     try:
         name = args.served_model_name or (",".join(llm.engine.model_names) if args.models
                                           else default_model_name(args.model))
@@ -482,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from rsd_runtime import topo_cli  # registers `topo`; imported here, as it imports this module
     COMMANDS.setdefault("topo", topo_cli.COMMAND)  # when this module runs as __main__
+    from rsd_runtime import calibrate  # registers `calibrate`, as topo_cli does
+    COMMANDS.setdefault("calibrate", calibrate.COMMAND)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _, shared) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from devices.fusion import FUSIONS
 from rsd_runtime.model_config import ModelConfig
 
 TP_CHOICES = (1, 2, 4, 8, 16)
@@ -106,13 +107,20 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
                          f"tp values that work: {', '.join(map(str, ok))}")
 
 
-def compile_model(cfg: ModelConfig, tp: int, cards: list[int] | None = None) -> list[CardProgram]:
-    """One program per tp rank; ``cards`` (default 0..tp-1) are the cluster cards of this instance."""
+def compile_model(cfg: ModelConfig, tp: int, cards: list[int] | None = None, *,
+                  fusion: str = "none") -> list[CardProgram]:
+    """One program per tp rank; ``cards`` (default 0..tp-1) are the cluster cards of this instance.
+    ``fusion`` (none, ops, layer: ``devices.fusion``) says which ops launch together."""
     check_tp(cfg, tp)
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     cards = list(range(tp)) if cards is None else list(cards)
     if len(cards) != tp:
         raise SplitError(f"{len(cards)} cards given for tp={tp}")
-    return [_card_program(cfg, tp, r, cards) for r in range(tp)]
+    programs = [_card_program(cfg, tp, r, cards) for r in range(tp)]
+    for prog in programs:
+        prog.meta["fusion"] = fusion
+    return programs
 
 
 def _card_program(cfg: ModelConfig, tp: int, r: int, cards: list[int]) -> CardProgram:

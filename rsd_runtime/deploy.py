@@ -19,12 +19,12 @@ log = logging.getLogger("rsd.deploy")
 
 
 def deploy(cluster, cfg: ModelConfig, tp: int, cards: list[int], *, ckpt=None, dtype: str, weight_dtype: str,
-           num_kv_blocks: int, block_size: int, progress: bool = False,
+           num_kv_blocks: int, block_size: int, progress: bool = False, fusion: str = "none",
            expert: str | None = None, tier: str | None = None) -> list[CardProgram]:
     """``expert``: one model of a pool (``rsd_runtime.coe_engine``): its shards go to the staging ``tier``
     under ``<expert>/`` and its command stream is installed when it is activated, not now."""
     with phase(log, f"compile for tp={tp}"):
-        programs = compile_model(cfg, tp, cards)
+        programs = compile_model(cfg, tp, cards, fusion=fusion)
     check_fits(cfg, tp, cluster.spec, weight_dtype, dtype, num_kv_blocks, block_size, cards[0])
     where = {"prefix": f"{expert}/", "tier": tier} if expert is not None else {}
     with phase(log, "place the weight shards" if ckpt is not None else "place phantom shards (no bytes)"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -60,11 +61,15 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, chunk_size: int = 256, max_model_len: int | None = None,
                  kv_utilization: float | None = None, progress: bool = True, phantom: bool = False,
                  check_weights: bool | None = None, cluster: Cluster | None = None, cards: list[int] | None = None,
-                 backend: str = "cards", topology=None, expert: str | None = None, staging: str | None = None,
+                 backend: str = "cards", topology=None, fusion: str = "none", overlap="off", host_overhead="off",
+                 expert: str | None = None, staging: str | None = None,
                  **cluster_kwargs):
         """``backend="sim"`` (phantom only) runs the instance in this process on the emulated clock
         (``rsd_runtime.sim_runner``): no card processes, the same emulated figures. ``topology``: a
         preset name (with ``link`` and ``topology_options``) or, for the sim backend, a Topology.
+        ``fusion`` (none, ops, layer) and ``overlap`` (off, on) are compiler choices
+        (``devices.fusion``, ``rsd_runtime.pipelining``); they change the schedule, not the values.
+        ``host_overhead`` (off, on, or a host preset: ``rsd_runtime.host_spec``) charges the host's work.
         ``expert``: this model is one of a pool sharing the cards (``rsd_runtime.coe_engine``); its
         shards wait in the ``staging`` tier until ``load_program()`` after the pool activated it."""
         # bad checkpoints and impossible splits fail before any card starts
@@ -90,6 +95,12 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             self.eos_ids.add(self.tokenizer.eos_id)
         self.cards = list(range(tp)) if cards is None else list(cards)
+        from rsd_runtime.pipelining import parse_overlap
+
+        from rsd_runtime.host_spec import get_host
+
+        self.fusion, self.overlap, self.host = fusion, parse_overlap(overlap), get_host(host_overhead)
+        self.pipeliner = None
         self.expert = expert
         self.weight_prefix = f"{expert}/" if expert is not None else ""
         if backend == "sim":
@@ -107,7 +118,10 @@ class LLMEngine:
             with phase(log, "load the model onto the cards", self.timings, "load_s"):
                 self.programs = deploy(self.cluster, cfg, tp, self.cards, ckpt=self.ckpt, dtype=self.dtype,
                                        weight_dtype=self.weight_dtype, num_kv_blocks=self.num_kv_blocks,
-                                       block_size=block_size, progress=progress, expert=expert, tier=staging)
+                                       block_size=block_size, progress=progress, fusion=fusion, expert=expert,
+                                       tier=staging)
+            if self.overlap:
+                self.pipeliner = self._pipeliner(self.cluster.spec, self.cluster.topology)
         except BaseException:
             self.close()
             raise
@@ -147,12 +161,53 @@ class LLMEngine:
             topology = topology_for(topology or "switch", max(self.cards) + 1, cluster_kwargs.get("link"),
                                     **cluster_kwargs.get("topology_options", {}))
         self.owns_cluster, self.cluster, self.spec = False, None, spec
-        self.programs = compile_model(self.cfg, self.tp, self.cards)
+        self.programs = compile_model(self.cfg, self.tp, self.cards, fusion=self.fusion)
         check_fits(self.cfg, self.tp, spec, self.weight_dtype, self.dtype, self.num_kv_blocks, self.block_size,
                    self.cards[0])
         self.runner = SimRunner(self.programs, self.cfg, spec, topology, dtype=self.dtype,
                                 weight_dtype=self.weight_dtype)
+        if self.overlap:
+            self.pipeliner = self._pipeliner(spec, topology)
         self._init_host()
+
+    def _pipeliner(self, spec, topology):
+        """The instance simulated in this process, to price each step's chunking (``--overlap on``)."""
+        from rsd_runtime.pipelining import Pipeliner
+
+        return Pipeliner(self.simulator(spec, topology), self.overlap)  # spec None: this instance's
+
+    def set_options(self, *, fusion: str | None = None, overlap=None, host_overhead=None) -> None:
+        """Change the compiler's choices and the host's costs between steps, weights and KV cache kept:
+        the command streams are compiled again and reinstalled on the cards (an expert's when it is made
+        active)."""
+        from rsd_runtime.compiler import compile_model
+        from rsd_runtime.host_spec import get_host
+        from rsd_runtime.pipelining import parse_overlap
+
+        if overlap is not None:
+            self.overlap = parse_overlap(overlap)
+        if host_overhead is not None:
+            self.host = get_host(host_overhead)
+        if fusion is not None and fusion != self.fusion:
+            self.programs = compile_model(self.cfg, self.tp, self.cards, fusion=fusion)
+            self.fusion = fusion
+            if self.cluster is not None:
+                if self.expert is None:  # an expert of a pool gets its new stream when made active (load_program)
+                    self.load_program()
+            else:
+                clocks, ports = self.runner.clocks, self.runner.ports
+                self.runner = self.simulator()
+                self.runner.clocks, self.runner.ports = clocks, ports
+        self.pipeliner = self._pipeliner(None, None) if self.overlap else None
+
+    def simulator(self, spec=None, topology=None):
+        """A fresh ``SimRunner`` of this instance: its steps cost what the cards charge."""
+        from rsd_runtime.sim_runner import SimRunner
+
+        if spec is None:
+            spec = self.cluster.spec if self.cluster is not None else self.spec
+            topology = self.cluster.topology if self.cluster is not None else self.runner.topology
+        return SimRunner(self.programs, self.cfg, spec, topology, dtype=self.dtype, weight_dtype=self.weight_dtype)
 
     def _init_host(self) -> None:
         """The host side of the engine: KV blocks, scheduler, sampler, the requests it holds."""
@@ -164,9 +219,14 @@ class LLMEngine:
         self._by_seq: dict[int, Request] = {}
         self._seq_ids = 0
         self.emu_now = 0  # host's emulated clock, ns
+        self._prev_start = None  # emulated start of the last step while busy (async host scheduling)
+        self.last_device_ns = 0  # the cards' share of the last step
         self.dead: Exception | None = None
         self.stats = EngineStats()
         self.on_step = None  # optional hook(emulated ns of the step, batch): benchmarks record steps with it
+        self.trace = None  # a rsd_runtime.trace.Trace being drawn (start_trace)
+        self._trace_pid = 0
+        self._trace_runner = None
 
     def _default_kv_blocks(self, device, max_num_seqs: int, kv_utilization: float | None) -> int:
         if kv_utilization is None:
@@ -234,6 +294,8 @@ class LLMEngine:
         ids = self.validate(prompt, params)
         seq = Sequence(seq_id=self._seq_ids, prompt_ids=ids, params=params)
         self._seq_ids += 1
+        if not self.requests:  # idle: the host prepares nothing ahead of an arrival
+            self._prev_start = None
         if emu_arrival is not None and not self.requests:
             self.emu_now = max(self.emu_now, emu_arrival)
         req = Request(request_id, prompt if isinstance(prompt, str) else None, seq,
@@ -272,20 +334,61 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        new = 0
         for s in batch.seqs:
             req = self._by_seq[s.seq.seq_id]
             if req.scheduled is None:
                 req.scheduled, req.emu_scheduled = time.perf_counter(), self.emu_now
+                new += 1
         start = self.emu_now
+        plan = self.plan(batch)
+        if self.host is not None:
+            t0 = self.host.start(self.emu_now, self.host.prepare_ns(len(batch.seqs), new), self._prev_start)
+            plan = replace(plan, t_start=t0)
+            self._prev_start = t0
         try:
-            logits, self.emu_now = self.runner.run(self.plan(batch))
+            logits, end = self.runner.run(plan)
         except StepFailed as exc:
             self.dead = exc.cause
             self.stats.failed_steps += 1
             raise EngineDeadError(f"a step failed: {exc}") from exc.cause
+        self.last_device_ns = end - plan.t_start
+        self.emu_now = out_time = end
+        if self.host is not None:
+            self.emu_now, out_time = self.host.finish(end, sum(1 for s in batch.seqs if s.sample))
+        if self.trace is not None:
+            self.draw(plan, end, out_time, sum(1 for s in batch.seqs if s.sample), new)
         if self.on_step is not None:
             self.on_step(self.emu_now - start, batch)
-        return self._postprocess(batch, logits)
+        return self._postprocess(batch, logits, out_time)
+
+    def start_trace(self, trace, *, host_pid: int = 0, card_offset: int = 0) -> None:
+        """Draw every later step into ``trace`` (``rsd_runtime.trace``): the instance simulated in this
+        process gives the spans (card processes charge the same times). Instances of a rack that number
+        their cards alike draw with their own ``host_pid`` (-i) and ``card_offset``."""
+        from rsd_runtime.sim_runner import SimRunner
+        from rsd_runtime.trace import SimTracer
+
+        runner = self.runner
+        if not isinstance(runner, SimRunner):
+            runner = self._trace_runner = self.simulator()
+        runner.tracer = SimTracer(trace, [c + card_offset for c in self.cards])
+        self.trace, self._trace_pid = trace, host_pid
+
+    def draw(self, plan: StepPlan, end: int, out_time: int, sampled: int, new: int) -> None:
+        """Draw a step that ran into the trace: the cards' spans, the step, the host's work."""
+        if self._trace_runner is not None:
+            self._trace_runner.run(plan)
+        kind = "decode" if all(s.num_tokens == 1 for s in plan.seqs) else "prefill"
+        pid = self._trace_pid
+        self.trace.step(kind, plan.t_start, end, host_pid=pid, tokens=plan.num_tokens, seqs=len(plan.seqs),
+                        chunks=plan.chunks)
+        host = self.host
+        if host is not None:
+            prep = host.prepare_ns(len(plan.seqs), new)
+            self.trace.host("prepare", plan.t_start - prep, plan.t_start, host_pid=pid)
+            self.trace.host("sample", end, end + host.sample_ns * sampled, host_pid=pid)
+            self.trace.host("detokenise", end + host.sample_ns * sampled, out_time, api=True, host_pid=pid)
 
     def plan(self, batch: Batch, all_logits: bool = False) -> StepPlan:
         """The step plan of a batch: one row per token fed; logits for the rows that sample (or all)."""
@@ -299,9 +402,11 @@ class LLMEngine:
             elif s.sample:
                 rows.append(row + s.num_tokens - 1)
             row += s.num_tokens
-        return StepPlan(self.emu_now, seqs, rows, None if self.phantom else np.asarray(tokens, np.int32))
+        plan = StepPlan(self.emu_now, seqs, rows, None if self.phantom else np.asarray(tokens, np.int32))
+        return plan if self.pipeliner is None else self.pipeliner.apply(plan)
 
-    def _postprocess(self, batch: Batch, logits) -> list[RequestOutput]:
+    def _postprocess(self, batch: Batch, logits, out_time: int) -> list[RequestOutput]:
+        """Sample, release text, apply the stop rules; tokens reach their requests at ``out_time`` (emulated)."""
         sampling = [s for s in batch.seqs if s.sample]
         reqs = [self._by_seq[s.seq.seq_id] for s in sampling]
         want = [r.params.logprobs for r in reqs]
@@ -319,7 +424,7 @@ class LLMEngine:
         max_len = self.max_len
         outs = []
         for req, token, lp in zip(reqs, tokens, lps):
-            req.add_token(token, lp, now, self.emu_now)
+            req.add_token(token, lp, now, out_time)
             reason = token_stop(req.seq, token, self.eos_ids, max_len)
             if reason is None and req.text_stop.hit:
                 reason = "stop"
@@ -327,7 +432,7 @@ class LLMEngine:
                 self.scheduler.finish(req.seq, reason)
                 self._forget(req)
                 self.stats.finished += 1
-            outs.append(req.output(now, self.emu_now))
+            outs.append(req.output(now, out_time))
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(s.num_tokens for s in batch.seqs if s.start < s.seq.num_prompt_tokens)
         self.stats.generation_tokens += len(tokens)

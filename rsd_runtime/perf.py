@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from devices.memory import OutOfDeviceMemory, fmt_bytes
-from devices.spec import get_spec
+from devices.spec import DeviceSpec, get_spec
 from devices.step import SeqSlice, StepPlan
 from interconnect.topology import topology_for
 from rsd_runtime.cluster import Cluster
@@ -43,15 +43,19 @@ class PerfRunner:
                  dtype: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_utilization: float = 0.9, backend: str = "sim", topology: str = "switch",
                  link: str | None = None, topology_options: dict | None = None,
-                 placement: list[list[int]] | None = None, **cluster_kwargs):
+                 placement: list[list[int]] | None = None, fusion: str = "none", overlap="off",
+                 host_overhead="off", **cluster_kwargs):
         _, cfg, _ = resolve_model(model, phantom=True)
         check_tp(cfg, tp)
+        from rsd_runtime.host_spec import get_host
+
         self.cfg, self.tp, self.instances = cfg, tp, instances
-        self.spec = get_spec(device)
+        self.host = get_host(host_overhead)
+        self.spec = device if isinstance(device, DeviceSpec) else get_spec(device)
         groups = placement_of(tp, instances, placement)
         n = max(c for g in groups for c in g) + 1
         kw = dict(dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks, kv_utilization=kv_utilization,
-                  progress=False, phantom=True)
+                  progress=False, phantom=True, fusion=fusion, overlap=overlap)
         self.cluster = None
         # a fixed-size topology keeps all its cards, the ones no instance takes idle; the instances
         # share the fabric, stepped together (interconnect.topo_tenants)
@@ -75,6 +79,7 @@ class PerfRunner:
         first = self.engines[0]
         self.dtype, self.block_size, self.num_kv_blocks = first.dtype, block_size, first.num_kv_blocks
         self.emu_now = 0
+        self.trace = None
         self._cache: dict[tuple, int] = {}
         self.steps_run = 0
 
@@ -99,16 +104,25 @@ class PerfRunner:
             rows.append(row + n - 1)
             row += n
         plan = StepPlan(self.emu_now, layout, rows)
+        if self.engines[0].pipeliner is not None:  # the instances are alike: one choice for all
+            plan = self.engines[0].pipeliner.apply(plan)
         if self.cluster is None:
             end = max(e.runner.run(plan)[1] for e in self.engines)
         else:
             blob = plan.pack()
             futs = [e.runner.submit(plan, blob) for e in self.engines]
             end = max(e.runner.collect(plan, f)[1] for e, f in zip(self.engines, futs))
+        if self.trace is not None:  # instance 0; the host's work is charged by batch_timing, not drawn
+            self.engines[0].draw(plan, end, end, len(seqs), 0)
         self._cache[key] = took = end - self.emu_now
         self.emu_now = end
         self.steps_run += 1
         return took
+
+    def start_trace(self, trace) -> None:
+        """Draw instance 0's steps from now on (``rsd_runtime.trace``); repeated shapes are not rerun."""
+        self.trace = trace
+        self.engines[0].start_trace(trace)
 
     def close(self) -> None:
         if self.cluster is not None:
@@ -162,13 +176,33 @@ def batch_timing(runner: PerfRunner, batch: int, input_len: int, output_len: int
             f"card 0: a batch of {batch} x {input_len + output_len} tokens needs {need} KV blocks "
             f"({fmt_bytes(need * per_block)}); the card has room for {runner.num_kv_blocks} "
             f"(missing {fmt_bytes((need - runner.num_kv_blocks) * per_block)})")
-    t, first_token = 0, []
+    steps = []  # (device ns, sequences, new requests, sampled sequences) of every step
     for step in _prefill_steps(batch, input_len, chunk):
-        t += runner.step([(n, p0) for _, n, p0 in step])
-        first_token += [t for s, n, p0 in step if p0 + n == input_len]
-    decode = _decode_total(runner, batch, input_len, output_len, decode_samples)
-    return BatchTiming(batch, sum(first_token) / batch, decode / max(output_len - 1, 1), t + decode,
-                       batch * output_len)
+        done = sum(1 for s, n, p0 in step if p0 + n == input_len)
+        steps.append((runner.step([(n, p0) for _, n, p0 in step]), len(step), sum(p0 == 0 for _, _, p0 in step),
+                      done))
+    num_prefill = len(steps)
+    steps += [(ns, batch, 0, batch) for ns in _decode_times(runner, batch, input_len, output_len, decode_samples)]
+    ends = _timeline(runner.host, steps)
+    first_token = []
+    for step, (_, out) in zip(_prefill_steps(batch, input_len, chunk), ends):
+        first_token += [out for s, n, p0 in step if p0 + n == input_len]
+    total = ends[-1][1]
+    decode = total - ends[num_prefill - 1][1]
+    return BatchTiming(batch, sum(first_token) / batch, decode / max(output_len - 1, 1), total, batch * output_len)
+
+
+def _timeline(host, steps) -> list[tuple[float, float]]:
+    """(end on the cards, when its tokens are out) of each step, the host's work charged as the engine
+    charges it (``HostSpec.start`` / ``finish``); without a host the two are the cards' clock."""
+    ready, prev, out = 0.0, None, []
+    for ns, seqs, new, sampled in steps:
+        start = ready if host is None else host.start(ready, host.prepare_ns(seqs, new), prev)
+        end = start + ns
+        ready, done = (end, end) if host is None else host.finish(end, sampled)
+        prev = start
+        out.append((end, done))
+    return out
 
 
 def _prefill_steps(batch: int, input_len: int, chunk: int):
@@ -189,17 +223,16 @@ def _prefill_steps(batch: int, input_len: int, chunk: int):
     return steps
 
 
-def _decode_total(runner: PerfRunner, batch: int, input_len: int, output_len: int, samples: int) -> float:
-    """Sum of the decode steps k = 0 .. output_len-2 (token k+1 written at position input_len + k)."""
+def _decode_times(runner: PerfRunner, batch: int, input_len: int, output_len: int, samples: int) -> list[float]:
+    """Device ns of the decode steps k = 0 .. output_len-2 (token k+1 written at position input_len + k)."""
     n = output_len - 1
     if n <= 0:
-        return 0.0
+        return []
     if samples <= 0 or samples >= n:
-        return float(sum(runner.step([(1, input_len + k)] * batch) for k in range(n)))
+        return [runner.step([(1, input_len + k)] * batch) for k in range(n)]
     points = sorted({round(i * (n - 1) / (samples - 1)) for i in range(samples)})
     times = {k: runner.step([(1, input_len + k)] * batch) for k in points}
-    total = 0.0
-    for a, b in zip(points, points[1:]):  # trapezoids over [a, b), exact where the cost is linear
-        for k in range(a, b):
-            total += times[a] + (times[b] - times[a]) * (k - a) / (b - a)
-    return total + times[points[-1]]
+    out = []
+    for a, b in zip(points, points[1:]):  # linear between samples, exact where the cost is linear
+        out += [times[a] + (times[b] - times[a]) * (k - a) / (b - a) for k in range(a, b)]
+    return out + [times[points[-1]]]

@@ -80,3 +80,43 @@ def test_batch_sweep_stops_where_the_kv_cache_is_full_and_says_so(tmp_path, caps
     batches = [r["batch"] for r in json.loads(out.read_text())["records"]]
     assert batches[:3] == [1, 2, 4] and batches[-1] == fit
     assert png.stat().st_size > 10_000  # TPS and TPOT against batch
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--overlap", "sometimes"], "argument --overlap: overlap must be 'on', 'off' or a number of chunks"),
+    (["--overlap", "17"], "argument --overlap: overlap must be 'on', 'off' or a number of chunks 1..16"),
+    (["--fusion", "all"], "argument --fusion: invalid choice: 'all'"),
+    (["--host-overhead", "pentium"], "argument --host-overhead: host overhead must be off, on or a host preset"),
+])
+def test_bad_compiler_options_are_named(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        inference.parse_args(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_breakdown_and_trace_of_the_compiler_options(tmp_path, capsys):
+    """--breakdown's rows add up to the step; --trace holds instance 0's steps, each filled by its spans."""
+    trace = tmp_path / "t.json"
+    args = ["--model", "llama3-8b", "--tp", "2", "--input-len", "512", "--output-len", "4", "--batch-size", "4",
+            "--no-scaling", "--decode-samples", "0", "--fusion", "ops", "--overlap", "on", "--host-overhead", "on"]
+    assert inference.main([*args, "--breakdown", "--trace", str(trace), "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    table = {}
+    for line in text.split("where a step's time goes")[1].splitlines()[2:]:
+        parts = line.rsplit(None, 2)
+        if len(parts) == 3 and parts[0].strip() in ("fused", "matmul", "attention", "norm", "elementwise", "embed",
+                                                     "collectives exposed", "collectives hidden", "host", "step"):
+            table[parts[0].strip()] = (float(parts[1]), float(parts[2]))
+    for col in (0, 1):
+        compute = sum(v[col] for k, v in table.items() if not k.startswith(("collectives", "host", "step")))
+        assert compute + table["collectives exposed"][col] == pytest.approx(table["step"][col], abs=0.2)
+    assert table["collectives hidden"][0] > 0 and table["host"][1] == pytest.approx(1_000 + 4 * 45, abs=0.1)
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert rec["records"][0]["fusion"] == "ops" and set(rec["breakdown"]) == {"prefill", "decode"}
+    ev = json.loads(trace.read_text())["traceEvents"]
+    steps = [e for e in ev if e["ph"] == "X" and e["pid"] == 0]
+    assert len(steps) == 1 + 3  # the prefill step (4 x 512 tokens in chunks of 2048) and 3 decode steps
+    for k, step in enumerate(steps):
+        mine = [e for e in ev if e["ph"] == "X" and e["pid"] > 0 and e["args"]["step"] == k]
+        assert {e["pid"] for e in mine} == {1, 2}
+        assert max(e["ts"] + e["dur"] for e in mine) == pytest.approx(step["ts"] + step["dur"])

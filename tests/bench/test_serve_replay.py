@@ -89,6 +89,21 @@ def test_a_bad_trace_is_refused_naming_line_and_field(tmp_path, line, message):
         serve.main([*SMALL, "--phantom", "--dataset", str(trace)])
 
 
+def test_replay_trace_draws_every_instance_and_host_costs_slow_it(tmp_path):
+    args = ("--phantom", "--model", "llama3-8b", "--tp", "2", "--instances", "2", "--routing", "round-robin")
+    bare = replay(tmp_path, "bare", *args)
+    trace = tmp_path / "t.json"
+    doc = replay(tmp_path, "host", *args, "--host-overhead", "on", "--fusion", "layer", "--trace", str(trace))
+    assert doc["mean_ttft_ms"] > bare["mean_ttft_ms"] + 3.0  # 3 ms of scheduling, preparation and API per request
+    ev = json.loads(trace.read_text())["traceEvents"]
+    steps = [e for e in ev if e["ph"] == "X" and e["pid"] <= 0 and e["tid"] == 1]
+    assert {e["pid"] for e in steps} == {0, -1} and len(steps) == sum(doc["steps"])
+    names = {e["pid"]: e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"}
+    assert names == {0: "host", -1: "host of instance 1", 1: "card 0", 2: "card 1", 3: "card 2", 4: "card 3"}
+    assert {e["name"] for e in ev if e["ph"] == "X" and e["pid"] <= 0 and e["tid"] > 1} == {
+        "prepare", "sample", "detokenise"}
+
+
 def test_bad_trace_and_policy_exit_2_with_one_line(tmp_path, capsys):
     from bench.common import entry
 

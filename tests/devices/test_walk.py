@@ -75,3 +75,27 @@ def test_walking_every_segment_is_running_each_collective_from_the_states_it_fin
                   for (c, tx, rx), old in zip(outs, states)]
     states = [(c + costs[r][3], tx, rx) for r, (c, tx, rx) in enumerate(states)]
     assert got == ([c for c, _, _ in states], [(tx, rx) for _, tx, rx in states])
+
+
+@pytest.mark.parametrize("n,topology", [(2, "switch"), (4, "switch-tree")])
+def test_an_unchunked_task_walk_is_the_segment_walk(n, topology):
+    """One chunk: each task after the one before it, so the two-engine walk gives the segment walk's integers."""
+    from devices.schedule import COMPUTE, build_tasks
+    from devices.walk import fold, walk_tasks
+
+    rng = random.Random(f"tasks{n}{topology}")
+    layer = [{"op": "linear"}, {"op": "all_reduce"}, {"op": "attention"}, {"op": "all_reduce"}]
+    ops = [{"op": "embed"}, *layer * 6, {"op": "rmsnorm", "w": "norm"}, {"op": "linear"}, {"op": "all_gather"}]
+    tasks = build_tasks(ops, 1)
+    num_compute = sum(t.engine == COMPUTE for t in tasks)
+    costs = [[rng.randrange(1_000, 300_000) for _ in range(num_compute)] for _ in range(n)]
+    calls = [sim.Call(ops[t.ops[0]]["op"], rng.choice([4096, 1 << 20]), "uint8", "auto")
+             for t in tasks if t.engine != COMPUTE]
+    clocks = [rng.randrange(10**9, 10**9 + 50_000) for _ in range(n)]
+    ports = [(c - rng.randrange(90_000), c - rng.randrange(90_000)) for c in clocks]
+    topo = get_topology(topology, n)
+    seen = []
+    got = walk_tasks(tasks, costs, calls, list(range(n)), topo, REDUCE, clocks, ports,
+                     on_task=lambda i, starts, ends, call: seen.append(i))
+    assert got == walk([fold(tasks, c) for c in costs], calls, list(range(n)), topo, REDUCE, clocks, ports)
+    assert seen == list(range(len(tasks)))

@@ -206,3 +206,25 @@ def test_bad_generate_flags_are_named(args, message):
     r = run_cli("generate", *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "max_tokens" not in r.stderr and "int()" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--overlap", "maybe"], "argument --overlap: overlap must be 'on', 'off' or a number of chunks 1..16"),
+    (["--fusion", "kernel"], "argument --fusion: invalid choice: 'kernel'"),
+    (["--host-overhead", "abacus"], "argument --host-overhead: host overhead must be off, on or a host preset"),
+])
+def test_bad_compiler_flags_of_generate_are_named(args, message, capsys):
+    from rsd_runtime import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["generate", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_options_reach_the_engine():
+    from rsd_runtime import cli
+
+    args = cli.build_parser().parse_args(["generate", "--overlap", "4", "--fusion", "layer", "--host-overhead",
+                                          "xeon-python-async", "--trace", "t.json"])
+    assert (args.overlap, args.fusion, args.host_overhead, args.trace) == ("4", "layer", "xeon-python-async",
+                                                                           "t.json")
