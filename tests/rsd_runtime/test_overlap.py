@@ -2,6 +2,7 @@
 the values do not change, overlap never slows a step, and the figures repeat."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -16,9 +17,10 @@ from rsd_runtime.trace import Trace
 
 PROMPTS = [[0, 5, 17, 42, 7, 99], [0, 8], list(range(1, 40))]
 PARAMS = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-# (fusion, overlap, host overhead): every fusion, every overlap, host costs serialised and async
-COMBOS = [("none", "off", "off"), ("none", 3, "on"), ("ops", "on", "off"), ("layer", 2, "xeon-python-async"),
-          ("layer", "off", "off")]
+# (fusion, overlap, host overhead): every fusion with every schedule (unchunked, forced chunks, the priced
+# choice) and host costs off, serialised and async
+COMBOS = [*itertools.product(("none", "ops", "layer"), ("off", 2), ("off", "xeon-python-async")),
+          ("none", 3, "on"), ("ops", "on", "off"), ("layer", "on", "on")]
 
 
 def run(engine: LLMEngine, prompts=PROMPTS, params=PARAMS) -> tuple[list[int], list[list[int]]]:
