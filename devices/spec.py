@@ -172,16 +172,11 @@ def load_spec_file(path: str) -> DeviceSpec:
         [peak_ops]
         bfloat16 = 64e12
     """
-    import tomllib
     from dataclasses import replace
 
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"no device file at {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    from interconnect.topo_toml import read_toml
+
+    doc = read_toml(path, "device")
     base = doc.pop("base", None)
     fields = set(DeviceSpec.__dataclass_fields__)
     unknown = sorted(set(doc) - fields)

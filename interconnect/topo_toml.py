@@ -47,16 +47,21 @@ from interconnect.topo_graph import GraphBuilder
 _KEYS = {"name", "link", "nodes", "edges", "links"}
 
 
+def read_toml(path: str | Path, what: str) -> dict:
+    """The document of a TOML file; a missing or malformed file is a ValueError naming it and ``what`` it is."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"no {what} file at {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load(path: str | Path, default_link: LinkSpec | None = None) -> tuple[nx.Graph, str, LinkSpec]:
     """(graph, name, card link) of a topology file; default_link serves edges that name no link."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"no topology file at {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    doc = read_toml(path, "topology")
     b = GraphBuilder(str(path))
     unknown = sorted(set(doc) - _KEYS)
     if unknown:

@@ -160,24 +160,25 @@ def _generate_args(p):
     chk.add_argument("--no-check-weights", dest="check_weights", action="store_false")
 
 
-def overlap_arg(text: str):
-    from rsd_runtime.pipelining import parse_overlap
-
+def _checked(text: str, check) -> str:
+    """``text`` if ``check`` accepts it; its ValueError becomes argparse's error for the flag."""
     try:
-        parse_overlap(text)
+        check(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def overlap_arg(text: str):
+    from rsd_runtime.pipelining import parse_overlap
+
+    return _checked(text, parse_overlap)
 
 
 def host_arg(text: str):
     from rsd_runtime.host_spec import get_host
 
-    try:
-        get_host(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return _checked(text, get_host)
 
 
 def add_compiler_args(p) -> None:

@@ -20,9 +20,10 @@ forward pass runs on the cards and costs emulated time like any prefill.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from interconnect.topo_toml import read_toml
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,13 +59,7 @@ class RouterConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RouterConfig":
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"router file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"router file {path}: {exc}") from None
+        doc = read_toml(path, "router")
         unknown = set(doc) - {"name", "default", "rule", "classifier"}
         if unknown:
             raise ValueError(f"router file {path}: unknown keys {sorted(unknown)}; known: name, default, rule, "
