@@ -50,7 +50,6 @@ log = logging.getLogger("rsd.router")
 ALLOWED_FAILS = 3
 COOLDOWN_S = 5.0
 FAIL_WINDOW_S = 60.0
-PROXIED = ("/v1/completions", "/v1/chat/completions")
 ERROR_EVENT = b'data: {"error"'  # how an instance's stream starts when it failed before any token
 
 
