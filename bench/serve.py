@@ -5,7 +5,7 @@
     python -m bench.serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 8 \\
         --burstiness 0.5 --dataset prompts.jsonl --goodput ttft:50 tpot:20 --json results/serve.json
 
-Streaming clients (httpx, one connection each) send ``/v1/completions`` requests at Poisson or
+Streaming clients (aiohttp, as vLLM's benchmark uses; one connection each) send ``/v1/completions`` requests at Poisson or
 gamma arrival times (``bench.workload``), at most ``--max-concurrency`` at once, with
 ``ignore_eos`` so that each generates exactly its output length. TTFT, ITL and end-to-end
 latency are read on the wall clock as chunks arrive; the emulated timings each response
@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 
+import aiohttp
 import httpx
 
 from bench import rack
@@ -43,6 +44,8 @@ def parse_args(argv):
                                    "none: the built-in tiny model")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the launched server / offline run")
     p.add_argument("--phantom", action="store_true", help="launch the server on phantom cards")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="the launched server's --stream-interval (a chunk every N tokens)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--request-rate", default="inf",
                    help="requests per second (inf: all at once); with --replay a list (4,16,inf) runs each")
@@ -73,50 +76,64 @@ def parse_args(argv):
         p.error(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     if args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
+    if args.stream_interval < 1:
+        p.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
 
 
 # -- one request -------------------------------------------------------------------------------
-async def send(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec) -> RequestResult:
+async def send(session: aiohttp.ClientSession, url: str, model: str, spec: PromptSpec) -> RequestResult:
     body = {"model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     res = RequestResult(ok=False, prompt_len=spec.prompt_len or 0)
     start = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", url, json=body) as r:
+        async with session.post(url, json=body) as r:
             res.instance = r.headers.get("x-rsd-instance")
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+            if r.status != 200:
+                res.error = f"HTTP {r.status}: {(await r.read()).decode(errors='replace')[:200]}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
+            pending = b""
+            async for data in r.content.iter_any():  # whatever has arrived: one event or several
                 now = time.perf_counter()
-                if '"finish_reason":null' in line:  # a token chunk: only its time matters, no parsing
-                    last = _token(res, start, last, now)
-                    continue
-                if line == "data: [DONE]":
-                    break
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    res.error = obj["error"].get("message", "error")
-                    return res
-                if obj.get("choices"):
-                    last = _token(res, start, last, now)
-                    res.emulated = obj["choices"][0].get("timings")
-                if obj.get("usage"):
-                    res.output_len = obj["usage"]["completion_tokens"]
-                    res.prompt_len = obj["usage"]["prompt_tokens"]
+                *events, pending = (pending + data).split(b"\n\n")
+                for event in events:
+                    if not event.startswith(b"data: "):
+                        continue
+                    if b'"finish_reason":null' in event:  # a token event: only its time matters, no parsing
+                        last = _token(res, start, last, now)
+                        continue
+                    if event == b"data: [DONE]":
+                        break
+                    obj = json.loads(event[6:])
+                    if "error" in obj:
+                        res.error = obj["error"].get("message", "error")
+                        return res
+                    if obj.get("choices"):
+                        last = _token(res, start, last, now)
+                        res.emulated = obj["choices"][0].get("timings")
+                    if obj.get("usage"):
+                        res.output_len = obj["usage"]["completion_tokens"]
+                        res.prompt_len = obj["usage"]["prompt_tokens"]
         res.latency_s = (last or time.perf_counter()) - start
         res.ok = last is not None
         if not res.ok:
             res.error = "the stream ended without a token"
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     return res
+
+
+def _run_loop(coro):
+    """Run the clients on uvloop (libuv's event loop, which uvicorn uses too) where it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _token(res: RequestResult, start: float, last: float | None, now: float) -> float:
@@ -135,8 +152,8 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
     limit = max_concurrency or len(specs)
     url = base_url + "/v1/completions"
     sem = asyncio.Semaphore(limit)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(
-            max_connections=limit, max_keepalive_connections=limit)) as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600.0),
+                                     connector=aiohttp.TCPConnector(limit=limit)) as client:
         warm = await send(client, url, model, PromptSpec(specs[0].prompt, 2))
         if not warm.ok:
             raise ValueError(f"the warm-up request failed: {warm.error}")
@@ -158,6 +175,43 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
     return list(results), duration
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of process groups, for "where does the CPU go" per pass."""
+
+    def __init__(self, server_pid: int | None):
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.server = psutil.Process(server_pid) if server_pid else None
+
+    def _cpu(self, procs) -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except self.psutil.Error:
+                pass
+        return total
+
+    def sample(self) -> dict[str, float]:
+        mine = self.me.children(recursive=True)
+        if self.server is not None:
+            theirs = {p.pid for p in self.server.children(recursive=True)} | {self.server.pid}
+            mine = [p for p in mine if p.pid not in theirs]
+        out = {"bench": self._cpu([self.me]), "bench_cards": self._cpu(mine)}
+        if self.server is not None:
+            out["server"] = self._cpu([self.server])
+            out["server_cards"] = self._cpu(self.server.children(recursive=True))
+        return out
+
+    @staticmethod
+    def per_ktok(before: dict, after: dict, tokens: int) -> dict[str, float]:
+        """CPU ms per 1,000 output tokens of each group between two samples."""
+        return {k: round((after[k] - before[k]) * 1e6 / max(tokens, 1), 1) for k in after}
+
+
 class Offline:
     """LLM.generate on the same prompts in this process, kept up between passes."""
 
@@ -173,14 +227,29 @@ class Offline:
 
     def run(self) -> dict:
         """One pass: output tokens per second, wall clock."""
+        steps = self.llm.engine.stats.steps
         t0 = time.perf_counter()
         outs = self.llm.generate([s.prompt for s in self.specs], self.params)
         duration = time.perf_counter() - t0
         tokens = sum(len(o.token_ids) for o in outs)
-        return {"duration": duration, "total_output_tokens": tokens, "output_throughput": tokens / duration}
+        return {"duration": duration, "total_output_tokens": tokens, "output_throughput": tokens / duration,
+                "tokens_per_step": round(tokens / max(self.llm.engine.stats.steps - steps, 1), 2)}
 
     def close(self) -> None:
         self.llm.close()
+
+
+def engine_steps(base_url: str) -> int:
+    """The server's count of engine steps (``rsd:engine_steps_total`` in /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(base_url + "/metrics", timeout=10)
+    r.raise_for_status()
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            if sample.name == "rsd:engine_steps_total":
+                return int(sample.value)
+    return 0
 
 
 def model_info(base_url: str) -> dict:
@@ -198,7 +267,8 @@ def main(argv=None) -> int:
     if args.launch:
         from rsd_runtime.server.launch import ServerProcess
 
-        server = ServerProcess(model=args.model, tp=args.tp, phantom=args.phantom).start()
+        server = ServerProcess(model=args.model, tp=args.tp, phantom=args.phantom,
+                               extra_args=["--stream-interval", str(args.stream_interval)]).start()
     try:
         base_url = (server.base_url if server else args.base_url).rstrip("/")
         try:
@@ -214,18 +284,31 @@ def main(argv=None) -> int:
         load_before = os.getloadavg()
         offline = Offline(args, specs) if args.compare_offline else None
         try:
-            results, duration = asyncio.run(run(base_url, info["id"], specs, times, args.max_concurrency,
+            results, duration = _run_loop(run(base_url, info["id"], specs, times, args.max_concurrency,
                                                 not args.disable_tqdm))
             rounds = []
+            meter = CpuMeter(server.proc.pid if server else None) if offline else None
             for i in range(args.rounds if offline else 0):
-                if i:  # the first server pass is the one the tables report
-                    again, took = asyncio.run(run(base_url, info["id"], specs, times, args.max_concurrency, False))
-                    server_tps = summarize(again, took, goodput)["output_throughput"]
-                else:
-                    server_tps = summarize(results, duration, goodput)["output_throughput"]
-                off = offline.run()
+                # odd rounds run offline first: a host whose speed drifts favours neither side
+                if i % 2:
+                    cpu_o = meter.sample()
+                    off = offline.run()
+                cpu0, steps0 = meter.sample(), engine_steps(base_url)
+                again, took = _run_loop(run(base_url, info["id"], specs, times, args.max_concurrency, False))
+                server_tps = summarize(again, took, goodput)["output_throughput"]
+                cpu1, steps1 = meter.sample(), engine_steps(base_url)
+                if i % 2 == 0:
+                    cpu_o = meter.sample()
+                    off = offline.run()
+                cpu2 = meter.sample()
+                server_tokens = sum(r.output_len for r in again)
                 rounds.append({"server_output_throughput": server_tps, **off,
-                               "server_over_offline": server_tps / off["output_throughput"]})
+                               "server_over_offline": server_tps / off["output_throughput"],
+                               "server_tokens_per_step": round(server_tokens / max(steps1 - steps0, 1), 2),
+                               "cpu_ms_per_1k_tokens": {
+                                   "server_pass": meter.per_ktok(cpu0, cpu1, server_tokens),
+                                   "offline_pass": meter.per_ktok(cpu_o, cpu2 if i % 2 == 0 else cpu0,
+                                                                  off["total_output_tokens"])}})
         finally:
             if offline is not None:
                 offline.close()
@@ -250,6 +333,12 @@ def main(argv=None) -> int:
         for i, r in enumerate(rounds):
             print(f"round {i}: output tokens/s, wall clock: server {r['server_output_throughput']:.1f}, "
                   f"LLM.generate {r['output_throughput']:.1f}, ratio {r['server_over_offline']:.3f}")
+            print(f"  output tokens per engine step: server {r['server_tokens_per_step']:.2f}, "
+                  f"LLM.generate {r['tokens_per_step']:.2f}")
+            cpu = r["cpu_ms_per_1k_tokens"]
+            print("  CPU ms per 1k output tokens: " + "; ".join(
+                f"{name} pass: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu[name].items())
+                for name in ("server_pass", "offline_pass")))
         print(f"server / LLM.generate output tokens/s, wall clock: median ratio {ratio:.3f} over {len(rounds)} "
               f"round(s)  (loadavg {_load()} on {os.cpu_count()} cpus)")
     served = {}

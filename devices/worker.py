@@ -12,6 +12,7 @@ ends the card, cleaning up the run, if the host process is gone.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -180,7 +181,8 @@ class Card:
         return {}, []
 
     # -- loop -------------------------------------------------------------------
-    def serve(self, ctx: zmq.Context, control: str, secret: str, heartbeat_s: float, fabric_bind: str) -> None:
+    def serve(self, ctx: zmq.Context, control: str, secret: str, heartbeat_s: float, fabric_bind: str,
+              steps: str | None = None) -> None:
         authenticator = auth.RunAuthenticator(ctx, secret)
         window = inbox_name = None
         if fabric_bind.startswith("ipc://"):  # cards on one host: large payloads through shared memory
@@ -199,23 +201,42 @@ class Card:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(control)
         self.ctrl = sock
+        step_sock = None
+        if steps:  # step plans come straight from the host's stepping thread (rsd_runtime.control.StepChannel)
+            step_sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
+            step_sock.setsockopt(zmq.IDENTITY, f"card{self.card}".encode())
+            step_sock.setsockopt(zmq.LINGER, 1000)
+            step_sock.connect(steps)
+            step_sock.send(wire.pack({"op": "hello", "card": self.card, "pid": os.getpid(), "secret": secret}))
         hb = threading.Thread(target=self._heartbeat, args=(ctx, control, secret, heartbeat_s), daemon=True)
         hb.start()
         sock.send(wire.pack({"op": "hello", "card": self.card, "pid": os.getpid(), "secret": secret,
                              "attached": bool(self.arena.entries), "num_tensors": len(self.arena.entries),
                              "fabric": self.fabric.endpoint}))
         self.state = "idle"
+        # the start-up heap (torch, the handlers, the arena) lives as long as the card: out of the
+        # collector's sight, an old-generation collection no longer stalls a step for milliseconds
+        gc.collect()
+        gc.freeze()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if step_sock is not None:
+            poller.register(step_sock, zmq.POLLIN)
         while not self.stopping.is_set():
             if self.backlog:
                 self._dispatch(sock, self.backlog.popleft())
                 continue
-            if not poller.poll(100):
-                continue
-            frames = sock.recv_multipart(copy=False)
-            self._dispatch(sock, frames)
+            for ready, _ in poller.poll(100):
+                if self.stopping.is_set():
+                    break
+                try:
+                    frames = ready.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
+                self._dispatch(ready, frames)
         self.fabric.close()
+        if step_sock is not None:
+            step_sock.close()
         sock.close()
         authenticator.close()
 
@@ -285,6 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--run", required=True)
     p.add_argument("--card", type=int, required=True)
     p.add_argument("--control", required=True, help="ZeroMQ address of the host's control socket")
+    p.add_argument("--steps", help="ZeroMQ address of the host's step channel (none: steps come on --control)")
     p.add_argument("--spec", default="atom-plus", help="preset name or a JSON DeviceSpec")
     p.add_argument("--run-dir", help="the run's directory (sockets, logs): removed if the host dies")
     p.add_argument("--attach", action="store_true", help="re-attach to the card's existing segments")
@@ -308,7 +330,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: card.stopping.set())
     ctx = zmq.Context()
     try:
-        card.serve(ctx, args.control, secret, args.heartbeat, args.fabric_bind)
+        card.serve(ctx, args.control, secret, args.heartbeat, args.fabric_bind, args.steps)
     finally:
         lifeline.set()
         card.arena.close()

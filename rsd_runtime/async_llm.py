@@ -50,15 +50,22 @@ class EngineStopped(RuntimeError):
 class _Stream:
     """One request's outputs, read by its caller's event loop."""
 
-    __slots__ = ("loop", "queue", "finished")
+    __slots__ = ("loop", "queue", "finished", "held", "started")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.queue, self.finished = loop, asyncio.Queue(), False
+        self.held: RequestOutput | None = None  # deltas merged until the stream interval is reached
+        self.started = False  # its first delta went out
 
 
 class AsyncLLM:
     def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, *, restart_cards: bool = False,
-                 max_waiting: int | None = None, engine: LLMEngine | None = None, **engine_kwargs):
+                 max_waiting: int | None = None, stream_interval: int = 1, engine: LLMEngine | None = None,
+                 **engine_kwargs):
+        """``stream_interval``: a request's deltas go out every that many tokens (the first token and
+        the end at once), merged in between: fewer wake-ups and events per token for a busy host."""
+        if type(stream_interval) is not int or stream_interval < 1:
+            raise ValueError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
         if engine is None:
             if model is None:
                 from rsd_runtime.tiny_model import ensure_tiny_model
@@ -69,9 +76,11 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.restart_cards = restart_cards
         self.max_waiting = max_waiting
+        self.stream_interval = stream_interval
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict = {}  # engine thread only
+        self._held: list[RequestOutput] = []  # the last step's outputs, until the next plan is sent (engine thread)
         self._queued = 0  # requests added but not yet running (inbox + engine waiting); approximate
         self._ids = itertools.count()
         self._stop = threading.Event()
@@ -175,6 +184,7 @@ class AsyncLLM:
                 if engine.dead is None and self._card_died():
                     engine.dead = next(iter(engine.cluster.control.dead.values()))
                 if engine.dead is not None:
+                    self._flush()
                     self._deliver(engine.fail_all(f"the cards failed: {str(engine.dead).splitlines()[0]}"))
                     # requests that came in meanwhile wait in the inbox for the recovery, unless it fails
                     if self.restart_cards and self._recover():
@@ -184,14 +194,17 @@ class AsyncLLM:
                     continue
                 self._drain_inbox()
                 if not engine.has_unfinished():
+                    self._flush()
                     self._wait()
                     continue
                 try:
-                    outs = engine.step()
+                    outs = engine.step(on_sent=self._flush)
                 except EngineDeadError:
                     continue  # failed above on the next turn, with every request in flight
+                finally:
+                    self._flush()  # when no plan went out (nothing could be scheduled, or the step failed)
                 self._queued = engine.num_waiting() + self._inbox.qsize()
-                self._deliver(outs)
+                self._held = outs  # handed out while the cards run the next step, or when the engine idles
         except BaseException as exc:  # the thread must not die silently: callers would wait forever
             self.error = exc
             log.exception("engine thread failed")
@@ -234,18 +247,35 @@ class AsyncLLM:
                 if engine.abort_request(cmd[1]):
                     self._streams.pop(cmd[1], None)
             elif cmd[0] == "recover":
+                self._flush()
                 try:
                     self._deliver(engine.recover())
                 finally:
                     cmd[1].set()
             self._queued = max(0, self._queued - (cmd[0] == "add"))
 
+    def _flush(self) -> None:
+        """Hand out the outputs held back from the last step."""
+        if self._held:
+            outs, self._held = self._held, []
+            self._deliver(outs)
+
     def _deliver(self, outs: list[RequestOutput]) -> None:
         by_loop: dict = {}
+        interval = self.stream_interval
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
+            if stream.held is not None:  # merge into what waits for the interval
+                stream.held.merge(out)
+                if not out.finished and len(stream.held.token_ids) < interval:
+                    continue
+                out, stream.held = stream.held, None
+            elif interval > 1 and stream.started and not out.finished and len(out.token_ids) < interval:
+                stream.held = out
+                continue
+            stream.started = True
             if out.finished:
                 del self._streams[out.request_id]
                 stream.finished = True

@@ -13,7 +13,6 @@ new fabric epoch.
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import wait
 
 import torch
 
@@ -41,12 +40,16 @@ class CardRunner:
         self.phantom = cluster.phantom
         self.broken: Exception | None = None  # set by a failed step until resync()
 
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, int]:
-        """(logits of plan.logit_rows, or None on phantom cards; emulated end of the step, ns)."""
-        return self.collect(plan, self.submit(plan))
+    def run(self, plan: StepPlan, on_sent=None) -> tuple[torch.Tensor | None, int]:
+        """(logits of plan.logit_rows, or None on phantom cards; emulated end of the step, ns).
+        ``on_sent()``: called once the plan is on its way to every card, while they run it."""
+        req_id = self.submit(plan)
+        if on_sent is not None:
+            on_sent()
+        return self.collect(plan, req_id)
 
-    def submit(self, plan: StepPlan, blob: bytes | None = None) -> list:
-        """Send the plan to every card (``blob``: the plan already packed); futures of their replies."""
+    def submit(self, plan: StepPlan, blob: bytes | None = None) -> int:
+        """Send the plan to every card (``blob``: the plan already packed); the step's request id."""
         if self.broken is not None:
             raise StepFailed(self.broken)
         dead = [c for c in self.cards if c in self.cluster.control.dead]
@@ -54,28 +57,39 @@ class CardRunner:
             self.broken = self.cluster.control.dead[dead[0]]
             raise StepFailed(self.broken)
         blob = plan.pack() if blob is None else blob
-        return [self.cluster.control.submit(c, "step", None, [blob]) for c in self.cards]
+        try:
+            return self.cluster.steps.send(self.cards, blob)
+        except CardDied as exc:
+            self.broken = exc
+            raise StepFailed(exc) from exc
 
-    def collect(self, plan: StepPlan, futs: list) -> tuple[torch.Tensor | None, int]:
-        wait(futs, return_when="FIRST_EXCEPTION")
-        failed = [f for f in futs if f.done() and f.exception() is not None]
-        if failed:
-            self._fail(futs, failed[0].exception())
-        replies = [f.result() for f in futs]
-        end = max(h["clock_ns"] for h, _ in replies)
+    def collect(self, plan: StepPlan, req_id: int) -> tuple[torch.Tensor | None, int]:
+        steps = self.cluster.steps
+        replies, failure = steps.gather(req_id, self.cards)
+        if failure is not None:
+            self._fail(req_id, replies, failure)
+        steps.discard(req_id)
+        end = max(h["clock_ns"] for h, _ in replies.values())
         if self.phantom or not plan.logit_rows:
             return None, end
-        header, frames = replies[plan.output_rank]
+        header, frames = replies[self.cards[plan.output_rank]]
         logits = torch.frombuffer(bytearray(frames[0].buffer), dtype=torch.float32).view(*header["shape"])
         return logits, end
 
-    def _fail(self, futs, exc: Exception):
+    def _fail(self, req_id: int, replies: dict, exc: Exception):
+        """Stop the others at once (they may wait for the failed card inside a collective), give them
+        ``ABORT_GRACE_S`` to answer, then fail the step."""
         self.broken = exc
-        control = self.cluster.control
-        for card, fut in zip(self.cards, futs):
-            if not fut.done():
+        control, steps = self.cluster.control, self.cluster.steps
+        left = [c for c in self.cards if c not in replies]
+        for card in left:
+            if card not in control.dead:
                 control.notify(card, "abort", {"reason": str(exc).splitlines()[0]})
-        wait(futs, timeout=ABORT_GRACE_S)
+        steps.gather(req_id, left, timeout=ABORT_GRACE_S, stop_on_error=False)
+        steps.discard(req_id)
+        dead = [c for c in self.cards if c in control.dead]
+        if dead and not isinstance(exc, CardDied):  # a peer's error ("card 1 died") came first: name the cause
+            exc = self.broken = control.dead[dead[0]]
         raise StepFailed(exc) from exc
 
     def resync(self) -> None:

@@ -369,6 +369,9 @@ def _serve_args(p):
     add("--max-num-seqs", type=int, default=16, help="requests in the running batch at most")
     add("--max-num-batched-tokens", type=int, default=512, help="tokens per step at most")
     add("--max-waiting", type=int, default=None, help="refuse new requests (503) while this many wait")
+    add("--stream-interval", type=int, default=1,
+        help="a stream's chunks go out every N tokens (the first token and the last at once): fewer events "
+             "per token when the host's cores are the bottleneck, as vLLM's --stream-interval")
     add("--restart-cards", action="store_true", help="restart cards that die and keep serving")
     add("--device", default="atom-plus", help=f"device preset: {', '.join(PRESETS)}")
     add("--phantom", action="store_true", help="cards account for memory and time but hold no bytes")
@@ -407,12 +410,14 @@ def _coe_server(args):
                        staging=args.staging, router=args.router, shm_prefix=args.shm_prefix,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        progress=False)
-    return AsyncLLM(engine=engine, restart_cards=args.restart_cards, max_waiting=args.max_waiting)
+    return AsyncLLM(engine=engine, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
+                    stream_interval=args.stream_interval)
 
 
 @command("serve", "serve one instance over HTTP with the OpenAI API until SIGINT or SIGTERM", _serve_args,
          shared=("device", "shm"))
 def cmd_serve(args) -> int:
+    import gc
     import signal
 
     def on_sigterm(signum, frame):  # unwinds card start-up too: every card stops, every segment goes
@@ -427,6 +432,8 @@ def cmd_serve(args) -> int:
 
     if args.max_waiting is not None and args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.stream_interval < 1:
+        raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.instances != 1 and not args.models:
         from rsd_runtime.rack import serve_rack
 
@@ -438,6 +445,7 @@ def cmd_serve(args) -> int:
             raise ValueError(f"{'--router' if args.router else '--staging'} goes with --models")
         model = args.model or str(ensure_tiny_model())
         llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
+                       stream_interval=args.stream_interval,
                        device=args.device, phantom=args.phantom, shm_prefix=args.shm_prefix,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        progress=False, fusion=args.fusion, overlap=args.overlap, host_overhead=args.host_overhead)
@@ -445,6 +453,8 @@ def cmd_serve(args) -> int:
         name = args.served_model_name or (",".join(llm.engine.model_names) if args.models
                                           else default_model_name(args.model))
         app = build_app(llm, name, model)
+        gc.collect()  # the start-up heap lives as long as the server: keep old-generation collections off it
+        gc.freeze()
         config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.verbose > 1,
                                 log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=2)
         print(f"rsd-launch: serving {name} on http://{args.host}:{args.port}/v1 ({args.tp} x {args.device}"

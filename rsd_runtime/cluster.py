@@ -35,7 +35,7 @@ from interconnect import wire
 from interconnect.auth import RunAuthenticator
 from interconnect.links import LinkDegradation
 from interconnect.topology import topology_for
-from rsd_runtime.control import ControlPlane
+from rsd_runtime.control import ControlPlane, StepChannel
 from rsd_runtime.errors import CardDied, ClusterError
 from rsd_runtime.supervisor import CardProcess, describe_exit, spawn_card
 
@@ -94,6 +94,7 @@ class Cluster:
         self._expected_exit: set[int] = set()
         self._ctx: zmq.Context | None = None
         self.control: ControlPlane | None = None
+        self.steps: StepChannel | None = None
         self._secret = secrets.token_hex(16)
         self._prev_sigterm = None
         self._closed = True
@@ -121,6 +122,7 @@ class Cluster:
             self._auth = RunAuthenticator(self._ctx, self._secret)
             self.control = ControlPlane(self._ctx, f"ipc://{self.run_dir}/control", self._secret,
                                         num_cards=self.num_devices, check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
+            self.steps = StepChannel(self._ctx, f"ipc://{self.run_dir}/steps", self.control)
             for card in range(self.num_devices):
                 self.procs[card] = self._spawn(card, attach=False)
             self._await_hello(range(self.num_devices), progress)
@@ -133,7 +135,8 @@ class Cluster:
     def _spawn(self, card: int, *, attach: bool) -> CardProcess:
         spec = self.spec.name if _is_preset(self.spec) else json.dumps(self.spec.to_dict())
         bind = f"ipc://{self.run_dir}/fabric{card}" if self.transport == "ipc" else f"tcp://{self.tcp_host}:*"
-        return spawn_card(card, run=self.run_name, control=f"ipc://{self.run_dir}/control", secret=self._secret,
+        return spawn_card(card, run=self.run_name, control=f"ipc://{self.run_dir}/control",
+                          steps=f"ipc://{self.run_dir}/steps", secret=self._secret,
                           spec=spec, run_dir=self.run_dir, fabric_bind=bind, attach=attach, phantom=self.phantom,
                           log_level=self.card_log_level, slowdown=self.slowdown)
 
@@ -185,6 +188,8 @@ class Cluster:
                 if proc.poll() is None:
                     proc.popen.kill()
                     proc.popen.wait()
+            if self.steps is not None:
+                self.steps.close()
             if self.control is not None:
                 self.control.close()
             if getattr(self, "_auth", None) is not None:
@@ -277,6 +282,7 @@ class Cluster:
         if old.poll() is None:
             raise ClusterError(f"card {card} (pid {old.pid}) is still running; only a dead card restarts")
         self.control.forget(card)
+        self.steps.forget(card)
         self.procs[card] = self._spawn(card, attach=True)
         self._await_hello([card])
         self._fabric_init([c for c in range(self.num_devices) if c not in self.control.dead])

@@ -214,7 +214,8 @@ class CoEEngine:
         return len(self.queue) + sum(e.num_waiting() for e in self.engines.values())
 
     # -- one step: admit, switch if the head of the queue needs it, step the active expert --------
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_sent=None) -> list[RequestOutput]:
+        """``on_sent``: as in ``LLMEngine.step``."""
         engine = self.engines.get(self.active)
         if engine is None or not engine.has_unfinished():
             if not self.queue:
@@ -226,7 +227,7 @@ class CoEEngine:
             engine = self.engines[self.active]
         self._admit(engine)
         engine.emu_now = max(engine.emu_now, self.emu_now)
-        outs = engine.step()
+        outs = engine.step(on_sent)
         self.emu_now = engine.emu_now
         for out in outs:
             if out.finished:

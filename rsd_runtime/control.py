@@ -254,3 +254,145 @@ class ControlPlane:
         for _, (card, _op, fut, _frames) in victims:
             if not fut.done():
                 fut.set_exception(fresh[card])
+
+
+class StepChannel:
+    """Step plans to the cards and their replies, straight from the thread that runs the steps.
+
+    Every other command goes through the control plane's I/O thread. A step is on the path of
+    every token, so it skips that hop and its two thread hand-offs: the stepping thread owns
+    this ROUTER (one thread at a time; ``lock`` serialises callers), sends the plan to each card
+    and polls for the replies itself. Between polls it looks at the cards the control plane has
+    seen die, so a dead card still fails the step within the control plane's health period.
+
+    A card opens its step socket with a hello carrying the run secret and its pid; a plan goes
+    to a card only once the hello of its current process (the pid of its control hello) is in.
+    Replies of several steps in flight (instances stepped together) are kept by request id
+    until their ``gather``; stale replies of an abandoned step are dropped.
+    """
+
+    POLL_MS = 20  # poll slice between checks for dead cards
+    CONNECT_TIMEOUT_S = 30.0  # how long a card's step socket may take to say hello after its control hello
+
+    def __init__(self, ctx: zmq.Context, address: str, control: ControlPlane):
+        self.control = control
+        self.address = address
+        self.sock = auth.make_server(ctx.socket(zmq.ROUTER))
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted card takes its identity over
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(address)
+        self.lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._pids: dict[int, int] = {}  # card -> pid of its latest step hello
+        self._open: dict[int, set[int]] = {}  # request id -> cards whose reply is still due
+        self._replies: dict[int, dict[int, tuple[dict, list]]] = {}  # request id -> card -> (header, frames)
+
+    def send(self, cards, blob) -> int:
+        """Send one plan to ``cards``; its request id. Raises ``CardDied`` for a card that cannot get it."""
+        with self.lock:
+            req_id = next(self._ids)
+            header = wire.pack({"op": "step", "id": req_id})
+            self._open[req_id], self._replies[req_id] = set(), {}
+            for card in cards:
+                self._await_connected(card)
+                try:
+                    self.sock.send_multipart([f"card{card}".encode(), header, blob], copy=False)
+                except zmq.ZMQError as exc:
+                    self.discard(req_id)
+                    raise CardDied(card, None, f"cannot be reached ({exc.strerror})") from None
+                self._open[req_id].add(card)
+            return req_id
+
+    def gather(self, req_id: int, cards, timeout: float | None = None,
+               stop_on_error: bool = True) -> tuple[dict[int, tuple[dict, list]], Exception | None]:
+        """The replies of ``cards`` to step ``req_id``, and the first failure (a card error, or a
+        card the control plane saw die), if any; with ``stop_on_error`` it returns at that failure.
+        ``timeout``: give up after that many seconds (the missing cards are simply absent)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        want = set(cards)
+        failure = None
+        with self.lock:
+            got = self._replies.setdefault(req_id, {})
+            while True:
+                for card in want & got.keys():
+                    header, _ = got[card]
+                    if header.get("ok") is not True and failure is None:
+                        failure = CardError(card, "step", str(header.get("error", "?")), str(header.get("kind", "")))
+                missing = want - got.keys()
+                dead = [c for c in missing if c in self.control.dead]
+                if dead and failure is None:
+                    failure = self.control.dead[dead[0]]
+                if not missing or (failure is not None and (stop_on_error or missing <= set(dead))):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                self._receive(self.POLL_MS)
+            return {c: got[c] for c in want & got.keys()}, failure
+
+    def discard(self, req_id: int) -> None:
+        """Forget step ``req_id``: its replies so far, and any that come later."""
+        with self.lock:
+            self._open.pop(req_id, None)
+            self._replies.pop(req_id, None)
+
+    def forget(self, card: int) -> None:
+        """Before a restart: the card's old step socket is history."""
+        with self.lock:
+            self._pids.pop(card, None)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    # -- receiving (the caller holds the lock) -------------------------------------------
+    def _await_connected(self, card: int) -> None:
+        deadline = time.monotonic() + self.CONNECT_TIMEOUT_S
+        while True:
+            pid = self.control.hello.get(card, {}).get("pid")
+            if pid is not None and self._pids.get(card) == pid:
+                return
+            if card in self.control.dead:
+                raise self.control.dead[card]
+            if time.monotonic() >= deadline:
+                raise CardDied(card, pid, f"its step socket did not connect within {self.CONNECT_TIMEOUT_S:.0f} s")
+            self._receive(self.POLL_MS)
+
+    def _receive(self, timeout_ms: int) -> None:
+        """Take every message that arrives within ``timeout_ms`` (at least one wait), then what is queued."""
+        if not self.sock.poll(timeout_ms):
+            return
+        while True:
+            try:
+                msg = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._on_message(msg)
+            except Malformed as exc:
+                self.control.malformed[exc.args[0]] += 1
+                log.warning("steps: dropped a message: %s", exc.args[1])
+
+    def _on_message(self, msg) -> None:
+        ident = bytes(msg[0]).decode(errors="replace")
+        card = self.control._card_of(ident)
+        try:
+            header = wire.unpack(msg[1].buffer) if len(msg) > 1 else None
+        except wire.WireError as exc:
+            raise Malformed("header", f"a malformed step message from {ident!r}: {exc}") from None
+        if not isinstance(header, dict):
+            raise Malformed("header", f"an empty step message from {ident!r}")
+        op = header.get("op")
+        if op == "hello":
+            if not hmac.compare_digest(str(header.get("secret", "")).encode(), self.control.secret.encode()):
+                raise Malformed("secret", f"a step hello from {ident!r} with a wrong run secret")
+            if header.get("card") != card or type(header.get("pid")) is not int:
+                raise Malformed("field", f"a step hello from {ident!r} names card {header.get('card')!r}")
+            self._pids[card] = header["pid"]
+            return
+        if op != "reply" or type(header.get("id")) is not int:
+            raise Malformed("op", f"unexpected step message {op!r} from {ident!r}")
+        req_id = header["id"]
+        if card not in self._open.get(req_id, ()):
+            return  # a step given up (aborted after a failure): its late replies go
+        self._open[req_id].discard(card)
+        self._replies[req_id][card] = (header, msg[2:])

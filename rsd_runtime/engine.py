@@ -327,8 +327,10 @@ class LLMEngine:
         del self._by_seq[req.seq.seq_id]
 
     # -- one step: schedule -> run -> post-process --------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one step; a delta for every request that produced a token, text, or finished."""
+    def step(self, on_sent=None) -> list[RequestOutput]:
+        """Run one step; a delta for every request that produced a token, text, or finished.
+        ``on_sent()``: called while the cards run the step (a server hands out the previous step's
+        outputs then, so that its HTTP work overlaps the cards instead of delaying the plan)."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine is down ({self.dead}); call recover() first")
         batch = self.scheduler.schedule()
@@ -347,7 +349,7 @@ class LLMEngine:
             plan = replace(plan, t_start=t0)
             self._prev_start = t0
         try:
-            logits, end = self.runner.run(plan)
+            logits, end = self.runner.run(plan, on_sent)
         except StepFailed as exc:
             self.dead = exc.cause
             self.stats.failed_steps += 1

@@ -20,7 +20,8 @@ def instance_args(args) -> list[str]:
     """The options of ``rsd-launch serve`` that each instance takes from the rack's command line."""
     out = ["--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--fusion", args.fusion,
-           "--overlap", str(args.overlap), "--host-overhead", str(args.host_overhead)]
+           "--overlap", str(args.overlap), "--host-overhead", str(args.host_overhead),
+           "--stream-interval", str(args.stream_interval)]
     if args.served_model_name:
         out += ["--served-model-name", args.served_model_name]
     if args.max_waiting is not None:

@@ -46,8 +46,11 @@ class SimRunner:
         self.ports = [(0, 0)] * len(programs)  # (tx_free, rx_free) per rank
         self.broken = None
 
-    def run(self, plan: StepPlan) -> tuple[None, int]:
-        """(None: phantom cards return no logits; emulated end of the step, ns)."""
+    def run(self, plan: StepPlan, on_sent=None) -> tuple[None, int]:
+        """(None: phantom cards return no logits; emulated end of the step, ns). ``on_sent()``: called
+        first, as ``CardRunner.run`` calls it once the plan is sent."""
+        if on_sent is not None:
+            on_sent()
         n, same, progs = len(self.cards), self.same_as, self.progs
         k = chunk_count(plan, plan.chunks)
         tasks = progs[0].tasks(k)

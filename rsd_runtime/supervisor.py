@@ -42,12 +42,14 @@ class CardProcess:
         return "\n".join(text[-lines:])
 
 
-def spawn_card(card: int, *, run: str, control: str, secret: str, spec: str, run_dir: Path,
+def spawn_card(card: int, *, run: str, control: str, secret: str, spec: str, run_dir: Path, steps: str | None = None,
                fabric_bind: str, attach: bool = False, phantom: bool = False, heartbeat_s: float = 0.25,
                log_level: str | None = None, slowdown: float = 0.0) -> CardProcess:
     """Start one card in a fresh interpreter (spawn, not fork)."""
     cmd = [sys.executable, "-m", "devices", "--run", run, "--card", str(card), "--control", control,
            "--spec", spec, "--heartbeat", str(heartbeat_s), "--fabric-bind", fabric_bind, "--run-dir", str(run_dir)]
+    if steps:
+        cmd += ["--steps", steps]
     if attach:
         cmd.append("--attach")
     if phantom:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -27,7 +27,8 @@ from rsd_runtime.server.metrics import ServerMetrics
 from rsd_runtime.server.protocol import APIError, ChatRequest, CompletionRequest, validation_error
 from rsd_runtime.server.serving import Generation, error_event
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
 
 
 class Server:
@@ -137,7 +138,7 @@ async def _parse(request: Request, model):
 async def _run(request: Request, gen: Generation):
     gen.start()
     if gen.body.stream:
-        return StreamingResponse(_stream(gen), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(gen)
     collect = asyncio.ensure_future(_collect(gen))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -165,18 +166,50 @@ async def _collect(gen: Generation):
     return JSONResponse(gen.response(outs))
 
 
-async def _stream(gen: Generation):
-    include_usage = gen.body.stream_options is not None and gen.body.stream_options.include_usage
-    try:
-        async for choice, out in gen.deltas():
-            yield gen.chunk(choice, out)
-        if include_usage:
-            yield gen.usage_chunk()
-    except (EngineError, EngineStopped) as exc:
-        yield error_event(APIError(500, f"the request failed: {exc}", None, "server_error"))
-    finally:  # also when the client disconnects: the stream is cancelled here
-        gen.close()
-    yield "data: [DONE]\n\n"
+class EventStream(Response):
+    """Server-Sent Events of one generation, written straight to the ASGI server.
+
+    One ``send`` per event and no task group per chunk: at one event per token per stream, the
+    per-event cost is what the API layer adds to every step. A task waits for the client's
+    disconnect and cancels the writer, whose ``finally`` aborts the requests and frees their
+    KV blocks."""
+
+    def __init__(self, gen: Generation):
+        self.gen = gen
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        gen = self.gen
+        writer = asyncio.current_task()
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, writer))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            include_usage = gen.body.stream_options is not None and gen.body.stream_options.include_usage
+            try:
+                async for choice, out in gen.deltas():
+                    await send({"type": "http.response.body", "body": gen.chunk(choice, out).encode(),
+                                "more_body": True})
+                last = gen.usage_chunk() if include_usage else ""
+            except (EngineError, EngineStopped) as exc:
+                last = error_event(APIError(500, f"the request failed: {exc}", None, "server_error"))
+            finally:  # also when the client disconnects: the writer is cancelled here
+                gen.close()
+            watcher.cancel()
+            await send({"type": "http.response.body", "body": (last + "data: [DONE]\n\n").encode(),
+                        "more_body": False})
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # cancelled from outside (the server stops), not by the client's disconnect
+            writer.uncancel()  # the client left: nothing more to send
+        finally:
+            watcher.cancel()
+
+
+async def _cancel_on_disconnect(receive, writer: asyncio.Task) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    writer.cancel()
 
 
 async def _disconnected(request: Request) -> None:

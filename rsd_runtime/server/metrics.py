@@ -84,6 +84,7 @@ class _EngineCollector:
                     engine.kv_usage())
         yield counter("prompt_tokens", "Prompt tokens run on the cards (prefill)", stats.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated", stats.generation_tokens)
+        yield counter("engine_steps", "Steps run on the cards (a step: one plan, every running request)", stats.steps)
         yield counter("request_success", "Requests that finished (any reason but abort and error)", stats.finished)
         yield counter("request_aborted", "Requests aborted (client gone)", stats.aborted)
         yield counter("request_errored", "Requests ended by a card failure", stats.errored)

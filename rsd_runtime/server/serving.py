@@ -48,6 +48,7 @@ class Generation:
         self.num_logprobs = (body.top_logprobs or 0) if chat and body.logprobs else (
             None if chat else body.logprobs)
         self.arrival = time.perf_counter()
+        self._frame = self._token_frame()
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -130,7 +131,10 @@ class Generation:
     def _account(self, choice: Choice, out):
         metrics = self.server.metrics
         if choice.last_time is not None and out.token_ids:
-            metrics.observe_itl(out.time - choice.last_time, (out.emu_time_ns - choice.last_emu_ns) * 1e-9)
+            n = len(out.token_ids)  # a delta of several tokens (--stream-interval): its gap, shared out
+            wall, emu = (out.time - choice.last_time) / n, (out.emu_time_ns - choice.last_emu_ns) * 1e-9 / n
+            for _ in range(n):
+                metrics.observe_itl(wall, emu)
         choice.last_time, choice.last_emu_ns = out.time, out.emu_time_ns
         choice.num_tokens = out.num_output_tokens
         if out.finished:
@@ -149,6 +153,11 @@ class Generation:
         """One SSE event for a delta."""
         finish = choice.finish_reason if out.finished else None
         text = out.text or ""
+        if finish is None and (out.logprobs is None or self.num_logprobs is None) and not (
+                self.chat and choice.num_tokens == len(out.token_ids)):
+            # the common event (a token, no logprobs): the same bytes as below, from a prebuilt frame
+            head, tail = self._frame
+            return f"{head}{choice.index}{tail[0]}{_dumps(text)}{tail[1]}"
         if self.chat:
             delta = {"content": text}
             if choice.num_tokens == len(out.token_ids):  # the first delta of this choice
@@ -161,6 +170,15 @@ class Generation:
         if finish is not None:
             c["timings"] = choice.timings
         return self._event([c])
+
+    def _token_frame(self) -> tuple[str, tuple[str, str]]:
+        """The text around a token event's choice index and text, as ``_event`` would encode it."""
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        head = (f'data: {{"id":{_dumps(self.id)},"object":"{obj}","created":{self.created},'
+                f'"model":{_dumps(self.model_name)},"choices":[{{"index":')
+        tail = (',"delta":{"content":', '},"logprobs":null,"finish_reason":null}]}\n\n') if self.chat else (
+            ',"text":', ',"logprobs":null,"finish_reason":null}]}\n\n')
+        return head, tail
 
     def usage_chunk(self) -> str:
         return self._event([], usage=self.usage())

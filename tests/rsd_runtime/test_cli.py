@@ -81,6 +81,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     (["--devices", "2", "sweep"], "--devices means nothing to `sweep`"),
     (["--phantom", "topo"], "--phantom means nothing to `topo`"),
     (["--json", "sweep"], "--json means nothing to `sweep`"),
+    (["serve", "--stream-interval", "0"], "--stream-interval must be >= 1, got 0"),
 ])
 def test_conflicting_or_meaningless_flags_are_refused(args, message):
     r = run_cli(*args)

@@ -103,6 +103,28 @@ def test_sse_ends_with_done(server):
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 6, "ignore_eos": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "ignore_eos": True}),
+])
+def test_stream_events_are_compact_json_in_openai_key_order(server, path, body):
+    """Token events come from a prebuilt frame: byte for byte what encoding the whole event gives."""
+    with httpx.stream("POST", server.base_url + path, json={**body, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    assert len(events) == 6
+    chat = "chat" in path
+    for i, raw in enumerate(events):
+        obj = json.loads(raw)
+        assert raw == json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        assert list(obj) == ["id", "object", "created", "model", "choices"]
+        assert obj["object"] == ("chat.completion.chunk" if chat else "text_completion")
+        choice = obj["choices"][0]
+        keys = ["index", "delta" if chat else "text", "logprobs", "finish_reason"]
+        assert list(choice)[:4] == keys and (choice["finish_reason"] is None) == (i < 5)
+    assert len({json.loads(e)["id"] for e in events}) == 1
+
+
 def test_stop_string_never_shown(client, offline):
     text = offline["Once upon a time"][0]
     stop = text[4:7]
