@@ -127,14 +127,12 @@ class Executor:
             nb = -(-ctx // bs)
             keys = k_cache[table[:nb]].reshape(nb * bs, kvh, hd)[:ctx].transpose(0, 1)
             vals = v_cache[table[:nb]].reshape(nb * bs, kvh, hd)[:ctx].transpose(0, 1)
-            if h != kvh:
-                keys = keys.repeat_interleave(h // kvh, dim=0)
-                vals = vals.repeat_interleave(h // kvh, dim=0)
             kpos = torch.arange(ctx)
             allowed = kpos[None, :] <= pos[:, None]
             if self.window:
                 allowed &= (pos[:, None] - kpos[None, :]) < self.window
-            o = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1), keys, vals, attn_mask=allowed)
+            o = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1), keys, vals, attn_mask=allowed,
+                                               enable_gqa=h != kvh)  # kv heads shared without copies
             out[row:row + n] = o.transpose(0, 1).reshape(n, h * hd)
         env[op["out"]] = out
 
@@ -167,10 +165,8 @@ class Executor:
         ctx = tables.shape[1] * bs
         keys = k_cache[tables].reshape(S, ctx, kvh, hd).transpose(1, 2)  # (S, kvh, ctx, hd)
         vals = v_cache[tables].reshape(S, ctx, kvh, hd).transpose(1, 2)
-        if h != kvh:
-            keys = keys.repeat_interleave(h // kvh, dim=1)
-            vals = vals.repeat_interleave(h // kvh, dim=1)
-        o = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=mask)  # (S, h, 1, hd)
+        o = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=mask,
+                                           enable_gqa=h != kvh)  # (S, h, 1, hd)
         return o.reshape(S, h * hd)
 
     # -- collectives ---------------------------------------------------------------------
