@@ -11,6 +11,7 @@ also after a card was killed, and a new launch sweeps runs whose host is gone.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +47,38 @@ log = logging.getLogger("rsd.host")
 # with margin. A card that computes with torch costs more; see bench/launch.py.
 CARD_HOST_BYTES = 64 << 20
 MAX_DEVICES = 1024
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM that arrive inside the block are recorded and handed to their handlers
+    when it ends (a KeyboardInterrupt or SystemExit then), so that they cannot cut a clean-up short.
+    Only the main thread can set handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def record(signum, frame):
+        got.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        handlers = {}
+        for signum, before in previous.items():
+            if signal.getsignal(signum) is record:
+                signal.signal(signum, before)
+                handlers[signum] = before
+            else:  # the block set a handler of its own (a cluster restores its SIGTERM handler): keep it
+                handlers[signum] = signal.getsignal(signum)
+        for signum in dict.fromkeys(got):
+            handler = handlers[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 class Cluster:
@@ -181,9 +214,13 @@ class Cluster:
             return
         self._closed = True
         self._expected_exit.update(self.procs)
+        with signals_deferred():  # a Ctrl-C or SIGTERM now is taken once the run is gone, not halfway
+            self._shutdown(timeout)
+
+    def _shutdown(self, timeout: float) -> None:
         try:
             self._stop_cards(timeout)
-        finally:  # also when Ctrl-C lands in the middle of the stop: nothing of the run may outlive it
+        finally:  # also when the stop fails: nothing of the run may outlive it
             for proc in self.procs.values():
                 if proc.poll() is None:
                     proc.popen.kill()

@@ -252,3 +252,20 @@ def _dead_pid() -> int:
     while psutil.pid_exists(pid):
         pid += 1
     return pid
+
+
+def test_ctrl_c_during_a_clean_up_is_taken_after_it():
+    """A Ctrl-C that lands in Cluster.shutdown's clean-up is raised once the clean-up is done."""
+    import os
+    import signal
+
+    from rsd_runtime.cluster import signals_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal has been handled by now: recorded, not raised
+            steps.append("after the signal")
+    assert steps == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
