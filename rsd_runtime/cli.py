@@ -427,7 +427,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from rsd_runtime.async_llm import AsyncLLM
-    from rsd_runtime.server.app import build_app, default_model_name
+    from rsd_runtime.server.app import build_app, default_model_name, with_raw_send
     from rsd_runtime.tiny_model import ensure_tiny_model
 
     if args.max_waiting is not None and args.max_waiting < 0:
@@ -455,7 +455,7 @@ def cmd_serve(args) -> int:
         app = build_app(llm, name, model)
         gc.collect()  # the start-up heap lives as long as the server: keep old-generation collections off it
         gc.freeze()
-        config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.verbose > 1,
+        config = uvicorn.Config(with_raw_send(app), host=args.host, port=args.port, access_log=args.verbose > 1,
                                 log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=2)
         print(f"rsd-launch: serving {name} on http://{args.host}:{args.port}/v1 ({args.tp} x {args.device}"
               f"{', phantom' if args.phantom else ''})", file=sys.stderr, flush=True)
