@@ -288,27 +288,33 @@ def main(argv=None) -> int:
                                                 not args.disable_tqdm))
             rounds = []
             meter = CpuMeter(server.proc.pid if server else None) if offline else None
+
+            def server_pass() -> dict:
+                cpu0, steps0 = meter.sample(), engine_steps(base_url)
+                again, took = _run_loop(run(base_url, info["id"], specs, times, args.max_concurrency, False))
+                cpu1, steps1 = meter.sample(), engine_steps(base_url)
+                tokens = sum(r.output_len for r in again)
+                return {"server_output_throughput": summarize(again, took, goodput)["output_throughput"],
+                        "server_tokens_per_step": round(tokens / max(steps1 - steps0, 1), 2),
+                        "cpu": meter.per_ktok(cpu0, cpu1, tokens)}
+
+            def offline_pass() -> dict:
+                cpu0 = meter.sample()
+                off = offline.run()
+                return {**off, "cpu": meter.per_ktok(cpu0, meter.sample(), off["total_output_tokens"])}
+
             for i in range(args.rounds if offline else 0):
                 # odd rounds run offline first: a host whose speed drifts favours neither side
                 if i % 2:
-                    cpu_o = meter.sample()
-                    off = offline.run()
-                cpu0, steps0 = meter.sample(), engine_steps(base_url)
-                again, took = _run_loop(run(base_url, info["id"], specs, times, args.max_concurrency, False))
-                server_tps = summarize(again, took, goodput)["output_throughput"]
-                cpu1, steps1 = meter.sample(), engine_steps(base_url)
-                if i % 2 == 0:
-                    cpu_o = meter.sample()
-                    off = offline.run()
-                cpu2 = meter.sample()
-                server_tokens = sum(r.output_len for r in again)
-                rounds.append({"server_output_throughput": server_tps, **off,
-                               "server_over_offline": server_tps / off["output_throughput"],
-                               "server_tokens_per_step": round(server_tokens / max(steps1 - steps0, 1), 2),
-                               "cpu_ms_per_1k_tokens": {
-                                   "server_pass": meter.per_ktok(cpu0, cpu1, server_tokens),
-                                   "offline_pass": meter.per_ktok(cpu_o, cpu2 if i % 2 == 0 else cpu0,
-                                                                  off["total_output_tokens"])}})
+                    off = offline_pass()
+                    srv = server_pass()
+                else:
+                    srv = server_pass()
+                    off = offline_pass()
+                server_cpu, offline_cpu = srv.pop("cpu"), off.pop("cpu")
+                rounds.append({**srv, **off,
+                               "server_over_offline": srv["server_output_throughput"] / off["output_throughput"],
+                               "cpu_ms_per_1k_tokens": {"server_pass": server_cpu, "offline_pass": offline_cpu}})
         finally:
             if offline is not None:
                 offline.close()
@@ -337,7 +343,7 @@ def main(argv=None) -> int:
                   f"LLM.generate {r['tokens_per_step']:.2f}")
             cpu = r["cpu_ms_per_1k_tokens"]
             print("  CPU ms per 1k output tokens: " + "; ".join(
-                f"{name} pass: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu[name].items())
+                f"{name.replace('_', ' ')}: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu[name].items())
                 for name in ("server_pass", "offline_pass")))
         print(f"server / LLM.generate output tokens/s, wall clock: median ratio {ratio:.3f} over {len(rounds)} "
               f"round(s)  (loadavg {_load()} on {os.cpu_count()} cpus)")

@@ -196,17 +196,10 @@ class Card:
                              phantom=self.phantom, abort_check=self._abort_check, slowdown=self.slowdown,
                              inbox_name=inbox_name)
         self.authenticator = authenticator
-        sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
-        sock.setsockopt(zmq.IDENTITY, f"card{self.card}".encode())
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(control)
-        self.ctrl = sock
+        sock = self.ctrl = _dealer(ctx, secret, f"card{self.card}", control, linger_ms=1000)
         step_sock = None
         if steps:  # step plans come straight from the host's stepping thread (rsd_runtime.control.StepChannel)
-            step_sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
-            step_sock.setsockopt(zmq.IDENTITY, f"card{self.card}".encode())
-            step_sock.setsockopt(zmq.LINGER, 1000)
-            step_sock.connect(steps)
+            step_sock = _dealer(ctx, secret, f"card{self.card}", steps, linger_ms=1000)
             step_sock.send(wire.pack({"op": "hello", "card": self.card, "pid": os.getpid(), "secret": secret}))
         hb = threading.Thread(target=self._heartbeat, args=(ctx, control, secret, heartbeat_s), daemon=True)
         hb.start()
@@ -282,10 +275,7 @@ class Card:
             sock.send_multipart([wire.pack(reply), *out], copy=False)
 
     def _heartbeat(self, ctx, control, secret, interval) -> None:
-        sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
-        sock.setsockopt(zmq.IDENTITY, f"card{self.card}.hb".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(control)
+        sock = _dealer(ctx, secret, f"card{self.card}.hb", control, linger_ms=0)
         while not self.stopping.wait(interval):
             if self.faults.paused.is_set():  # an injected pause: silent, as a hung card is
                 continue
@@ -295,6 +285,15 @@ class Card:
             except zmq.Again:
                 pass
         sock.close()
+
+
+def _dealer(ctx: zmq.Context, secret: str, identity: str, address: str, *, linger_ms: int) -> zmq.Socket:
+    """A DEALER to the host under ``identity``, presenting the run's secret."""
+    sock = auth.make_client(ctx.socket(zmq.DEALER), secret)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.connect(address)
+    return sock
 
 
 def host_pid() -> int:

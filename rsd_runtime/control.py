@@ -179,19 +179,27 @@ class ControlPlane:
             raise Malformed("identity", f"a message from {ident!r}, which is no card of this cluster")
         return int(m[1])
 
-    def _on_card_message(self, msg) -> None:
+    def _header(self, msg) -> tuple[str, int, dict]:
+        """(sender identity, its card, the message's header); Malformed if any is not what a card sends."""
         ident = bytes(msg[0]).decode(errors="replace")
-        sender = self._card_of(ident)
+        card = self._card_of(ident)
         try:
             header = wire.unpack(msg[1].buffer) if len(msg) > 1 else None
         except wire.WireError as exc:
             raise Malformed("header", f"a malformed message from {ident!r}: {exc}") from None
         if header is None:
             raise Malformed("header", f"an empty message from {ident!r}")
+        return ident, card, header
+
+    def _check_secret(self, header: dict, ident: str) -> None:
+        if not hmac.compare_digest(str(header.get("secret", "")).encode(), self.secret.encode()):
+            raise Malformed("secret", f"{header['op']} from {ident!r} with a wrong run secret")
+
+    def _on_card_message(self, msg) -> None:
+        ident, sender, header = self._header(msg)
         op = header["op"]
         if op in ("hello", "heartbeat"):
-            if not hmac.compare_digest(str(header.get("secret", "")).encode(), self.secret.encode()):
-                raise Malformed("secret", f"{op} from {ident!r} with a wrong run secret")
+            self._check_secret(header, ident)
             card = header.get("card")
             if type(card) is not int or card != sender:
                 raise Malformed("field", f"{op} from {ident!r} names card {card!r}")
@@ -366,25 +374,13 @@ class StepChannel:
                 msg = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            try:
-                self._on_message(msg)
-            except Malformed as exc:
-                self.control.malformed[exc.args[0]] += 1
-                log.warning("steps: dropped a message: %s", exc.args[1])
+            self.control._handle(self._on_message, msg)  # a bad message is counted and dropped, as there
 
     def _on_message(self, msg) -> None:
-        ident = bytes(msg[0]).decode(errors="replace")
-        card = self.control._card_of(ident)
-        try:
-            header = wire.unpack(msg[1].buffer) if len(msg) > 1 else None
-        except wire.WireError as exc:
-            raise Malformed("header", f"a malformed step message from {ident!r}: {exc}") from None
-        if not isinstance(header, dict):
-            raise Malformed("header", f"an empty step message from {ident!r}")
-        op = header.get("op")
+        ident, card, header = self.control._header(msg)
+        op = header["op"]
         if op == "hello":
-            if not hmac.compare_digest(str(header.get("secret", "")).encode(), self.control.secret.encode()):
-                raise Malformed("secret", f"a step hello from {ident!r} with a wrong run secret")
+            self.control._check_secret(header, ident)
             if header.get("card") != card or type(header.get("pid")) is not int:
                 raise Malformed("field", f"a step hello from {ident!r} names card {header.get('card')!r}")
             self._pids[card] = header["pid"]

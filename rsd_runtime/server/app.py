@@ -140,7 +140,7 @@ async def _run(request: Request, gen: Generation):
     if gen.body.stream:
         return EventStream(gen)
     collect = asyncio.ensure_future(_collect(gen))
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -222,13 +222,12 @@ def with_raw_send(app):
 
 
 async def _cancel_on_disconnect(receive, writer: asyncio.Task) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    await _disconnected(receive)
     writer.cancel()
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
