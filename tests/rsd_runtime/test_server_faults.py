@@ -42,9 +42,17 @@ def _stream_lines(url: str, body: dict, out: list, started: threading.Event):
     started.set()
 
 
+def _waiting(server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "rsd:num_requests_waiting")
+
+
 def test_full_waiting_queue_gets_503_at_once(fragile):
     url = fragile.base_url + "/v1/completions"
-    long = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    long = {"prompt": "Hello", "max_tokens": 900, "ignore_eos": True, "stream": True}
     runs = []
     for _ in range(2):  # one runs, one waits
         out, started = [], threading.Event()
@@ -52,6 +60,8 @@ def test_full_waiting_queue_gets_503_at_once(fragile):
         runs.append((out, started))
         time.sleep(0.3)
     assert runs[0][1].wait(20)
+    # the second is in the queue before the third comes (a fast host could otherwise finish the first first)
+    assert wait_until(lambda: _waiting(fragile) == 1, 20), _waiting(fragile)
     t0 = time.perf_counter()
     r = httpx.post(url, json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
     assert r.status_code == 503 and time.perf_counter() - t0 < 1.0, r.text
