@@ -318,7 +318,7 @@ class Cluster:
             old.popen.wait(10)
         if old.poll() is None:
             raise ClusterError(f"card {card} (pid {old.pid}) is still running; only a dead card restarts")
-        self.control.forget(card)
+        self.control.forget(card, old.pid)
         self.steps.forget(card)
         self.procs[card] = self._spawn(card, attach=True)
         self._await_hello([card])

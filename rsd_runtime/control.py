@@ -60,6 +60,7 @@ class ControlPlane:
         self.hello_event = threading.Condition(self._lock)
         self.last_seen: dict[int, float] = {}
         self.dead: dict[int, CardDied] = {}
+        self._buried: set[int] = set()  # pids of restarted cards' old processes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rsd-control", daemon=True)
         self._thread.start()
@@ -110,9 +111,12 @@ class ControlPlane:
         """Messages dropped as malformed, every reason together (a server exports it)."""
         return sum(self.malformed.values())
 
-    def forget(self, card: int) -> None:
-        """Before a restart: the card's old hello and death are history."""
+    def forget(self, card: int, pid: int | None = None) -> None:
+        """Before a restart: the card's old hello and death are history. A health check that looked at
+        the old process ``pid`` before this call cannot declare the card dead again afterwards."""
         with self._lock:
+            if pid is not None:
+                self._buried.add(pid)
             self.hello.pop(card, None)
             self.dead.pop(card, None)
             self.last_seen.pop(card, None)
@@ -246,7 +250,7 @@ class ControlPlane:
                 if card not in self.dead and card not in died and now - seen > self.heartbeat_timeout:
                     died[card] = CardDied(card, self.hello.get(card, {}).get("pid"),
                                           f"sent no heartbeat for {now - seen:.1f} s (hung or stopped)")
-            fresh = {c: e for c, e in died.items() if c not in self.dead}
+            fresh = {c: e for c, e in died.items() if c not in self.dead and e.pid not in self._buried}
             self.dead.update(fresh)
             victims = [(rid, self._pending.pop(rid)) for rid in
                        [rid for rid, entry in self._pending.items() if entry[0] in fresh]]

@@ -82,6 +82,27 @@ def test_exit_code_is_reported(shm_prefix):
             cluster.call(0, "debug_exit", code=7, timeout=2.0)
 
 
+def test_a_stale_look_at_a_restarted_cards_old_process_does_not_kill_the_new_one(tmp_path):
+    """The health check reads the card processes outside the control plane's lock: a look taken
+    just before a restart's ``forget`` still sees the old process dead. That old pid is buried."""
+    import zmq
+    from rsd_runtime.control import ControlPlane
+    seen = {"pid": 999}  # what the (stale) health check finds for card 1
+    ctx = zmq.Context()
+    cp = ControlPlane(ctx, f"ipc://{tmp_path}/control", "s" * 32, num_cards=2,
+                      check_cards=lambda: {1: CardDied(1, seen["pid"], "was killed")}, heartbeat_timeout=60)
+    try:
+        assert wait_until(lambda: 1 in cp.dead, 2.0)
+        cp.forget(1, 999)
+        time.sleep(0.5)  # many health periods, each still seeing pid 999 dead
+        assert 1 not in cp.dead
+        seen["pid"] = 1000  # the new process dies: that death counts
+        assert wait_until(lambda: 1 in cp.dead, 2.0) and cp.dead[1].pid == 1000
+    finally:
+        cp.close()
+        ctx.term()
+
+
 def test_restarted_card_reattaches_to_its_arena(shm_prefix):
     w = torch.randn(128, 64).bfloat16()
     with Cluster(num_devices=2, shm_prefix=shm_prefix) as cluster:
