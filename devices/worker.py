@@ -103,6 +103,7 @@ class Card:
             "num_tensors": len(self.arena.entries),
             "kv_blocks": self.kv.layout.num_blocks if self.kv else 0,
             "fabric_bytes_sent": self.fabric.bytes_sent if self.fabric else 0,
+            "fabric_board_calls": self.fabric.board_calls if self.fabric else 0,
             "fabric_malformed": self.fabric.malformed if self.fabric else 0,
             "fabric_refused": self.authenticator.refused if self.fabric else 0,
             "device": self.spec.name,

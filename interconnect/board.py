@@ -1,17 +1,20 @@
-"""Entry states of phantom collectives through shared memory: each card publishes, its peers read in place.
+"""Entry states of collectives through shared memory: each card publishes, its peers read in place.
 
 A phantom collective needs only every member's entry state (clock, send port,
 receive port) to simulate itself (``interconnect.sim``). Instead of n - 1
 messages out and n - 1 in per card, a card writes its state once on the board
 of its own inbox segment (``interconnect.shmring``), rings the doorbells of the
 peers that sleep, and reads the peers' states straight from their boards.
+Small collectives of real cards go the same way with their data: each card
+publishes its buffer beside its entry state, reads its peers' buffers in place
+and reduces them itself (``interconnect.collectives``, "on the board").
 
 An entry is ``[gid, epoch, seq, v0, v1, ...]`` in row ``gid`` of the card's
 board, in the half ``seq % 2``; ``seq`` is written last and commits it. A card
 can be at most one call ahead of any member of its group (it cannot finish
 call k + 1 before every member has published k + 1, which each does only after
-reading call k), so two halves are enough: nothing is overwritten while a peer
-may still read it.
+reading call k, data included), so two halves are enough: nothing is
+overwritten while a peer may still read it.
 """
 from __future__ import annotations
 
@@ -39,11 +42,17 @@ class Board:
     def can_publish(self, gid: int, num_values: int) -> bool:
         return num_values <= MAX_VALUES and (gid in self.rows or len(self.rows) < BOARD_GROUPS)
 
-    def exchange(self, cards: list[int], gid: int, epoch: int, seq: int, values: list[int]) -> list[list[int]]:
-        """Every card's ``values`` for call ``seq`` of group ``gid``, in the order of ``cards``."""
+    def exchange(self, cards: list[int], gid: int, epoch: int, seq: int, values: list[int],
+                 data: np.ndarray | None = None) -> list[list[int]]:
+        """Every card's ``values`` for call ``seq`` of group ``gid``, in the order of ``cards``.
+        ``data`` (contiguous, at most ``BOARD_DATA_BYTES``) is published beside them: ``data`` reads it."""
         path, me = self.path, self.path.fabric.rank
+        path.serve_socket()
         row = self.rows.setdefault(gid, len(self.rows))
         entry = path.inbox.board[row, seq % 2]
+        if data is not None:
+            raw = data.reshape(-1).view(np.uint8)
+            path.inbox.board_data[row, seq % 2, :raw.size] = raw
         n = len(values)
         entry[3:3 + n] = values
         entry[0], entry[1] = gid, epoch
@@ -58,6 +67,14 @@ class Board:
         if pending:
             self._wait(pending, boxes, key, got)
         return [got[c] for c in cards]
+
+    def data(self, card: int, gid: int, seq: int, nbytes: int) -> np.ndarray:
+        """The first ``nbytes`` of what ``card`` published with call ``seq`` of group ``gid`` (after
+        ``exchange`` returned it): read in place, valid until this card's next call of the group."""
+        path = self.path
+        if card == path.fabric.rank:
+            return path.inbox.board_data[self.rows[gid], seq % 2, :nbytes]
+        return path._outbox(card).board_data[self.peer_rows[(card, gid)], seq % 2, :nbytes]
 
     def _wait(self, pending: list[int], boxes: dict, key: tuple, got: dict) -> None:
         from interconnect.fabric import FabricError, FabricTimeout

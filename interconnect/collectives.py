@@ -9,12 +9,15 @@ given, default or searched (``interconnect.ring_search``).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from interconnect import auto, dbtree, oneshot, ring, ring_search, sim, tree
 from interconnect import reduce as red
 from interconnect.group import ProcessGroup, split
 from interconnect.reduce import ReduceOp
+from interconnect.shmring import BOARD_DATA_BYTES
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 ALGORITHMS = {"ring": ring, "tree": tree, "one-shot": oneshot, "dbtree": dbtree}
@@ -54,14 +57,62 @@ def _emulated(kind: str, group: ProcessGroup, count: int, dtype: str, algo: str,
     ports, clock = fabric.ports, fabric.clock
     seq = group.begin()
     states = group.exchange(seq, [clock.now, ports.tx_free, ports.rx_free])
-    call = sim.Call(kind, count, dtype, algo, ReduceOp.parse(redop).name.lower(), root)
+    _advance(group, states, sim.Call(kind, count, dtype, algo, ReduceOp.parse(redop).name.lower(), root))
+    return True
+
+
+def _advance(group: ProcessGroup, states: list, call: sim.Call) -> None:
+    """Move this card's clock and ports as ``call``, entered from every rank's ``states``, would."""
+    ports = group.fabric.ports
     now, tx, rx = sim.CACHE.run(call, group.ranks, ports.topology, ports.reduce_ns, states)[group.rank]
-    clock.now = now
+    group.fabric.clock.now = now
     if tx is not None:
         ports.tx_free = tx
     if rx is not None:
         ports.rx_free = rx
-    return True
+
+
+# Small all_reduce and all_gather calls of real cards on one host go "on the board"
+# (``interconnect.board``): every card publishes its entry state and its buffer once, reads its
+# peers' buffers in place and computes the result itself, and its clock moves as the simulation
+# of the call's messages says (the phantom cards' way, exact by construction). One publication
+# per call instead of n - 1 messages out and n - 1 in. The data are the messages' data: an
+# all_gather concatenates, and an all_reduce goes on the board only when its algorithm is
+# one-shot, which reduces in group-rank order on every rank, as this does. A card with link
+# faults or real-time shaping (their figures come from the messages themselves) says so in its
+# entry, and then the whole group sends the call's messages. RSD_BOARD_DATA=0 turns it off (the
+# cards inherit the host's environment, so they agree).
+BOARD_DATA = os.environ.get("RSD_BOARD_DATA", "1") != "0"
+
+
+def _on_board(kind: str, group: ProcessGroup, nbytes: int, algo: str) -> bool:
+    """Whether this call tries the board: every rank of the group decides the same from the same inputs."""
+    fabric = group.fabric
+    rings = getattr(fabric, "rings", None)
+    if not (BOARD_DATA and rings is not None and rings.active and not fabric.phantom and group.size > 1
+            and 0 < nbytes <= BOARD_DATA_BYTES and rings.board.can_publish(group.gid, 4)):
+        return False
+    return kind != "all_reduce" or (algo if algo != "auto" else auto.choose(
+        kind, nbytes, group.ranks, fabric.ports.topology)) == "one-shot"
+
+
+def _board_call(group: ProcessGroup, mine: np.ndarray, call: sim.Call):
+    """Publish ``mine`` and the entry state; the group's buffers in rank order, or None (the group
+    sends the call's messages: a member has link faults or shaping)."""
+    fabric, ports = group.fabric, group.fabric.ports
+    seq = group.begin()
+    simulable = int(not ports.degraded and not fabric.slowdown)
+    states = fabric.rings.board.exchange(group.ranks, group.gid, fabric.epoch, seq,
+                                         [fabric.clock.now, ports.tx_free, ports.rx_free, simulable], mine)
+    if not all(s[3] for s in states):
+        group.seq -= 1  # the messages take this call's number
+        return None
+    _advance(group, [s[:3] for s in states], call)
+    fabric.bytes_sent += (group.size - 1) * mine.nbytes  # what a one-shot call sends
+    fabric.board_calls += 1
+    board, nbytes = fabric.rings.board, mine.nbytes
+    return [mine if c == fabric.rank else board.data(c, group.gid, seq, nbytes).view(mine.dtype)
+            for c in group.ranks]
 
 
 def all_reduce(buf: np.ndarray, op=ReduceOp.SUM, group: ProcessGroup = None, *, dtype: str,
@@ -75,6 +126,17 @@ def all_reduce(buf: np.ndarray, op=ReduceOp.SUM, group: ProcessGroup = None, *, 
     red.check_op(op, dtype)
     if _emulated("all_reduce", group, buf.size, dtype, algo, op):
         return
+    if _on_board("all_reduce", group, buf.nbytes, algo):
+        bufs = _board_call(group, buf,
+                           sim.Call("all_reduce", buf.size, dtype, algo, op.name.lower()))
+        if bufs is not None:
+            acc = bufs[0].copy()
+            for other in bufs[1:]:
+                red.reduce_into(acc, other, op, dtype)
+            buf[...] = acc
+            if op is ReduceOp.AVG:
+                red.finish_avg(buf, group.size, dtype)
+            return
     seq = group.begin()
     if group.size > 1 and buf.size:
         _algo(group, "all_reduce", buf.nbytes, algo).all_reduce(group, buf, op, dtype, seq)
@@ -93,6 +155,12 @@ def all_gather(output: np.ndarray, input: np.ndarray, group: ProcessGroup = None
         raise ValueError(f"all_gather: output has {output.size} elements, needs {n} x {input.size}")
     if _emulated("all_gather", group, input.size, dtype, algo):
         return
+    if _on_board("all_gather", group, input.nbytes, algo):
+        bufs = _board_call(group, np.ascontiguousarray(input),
+                           sim.Call("all_gather", input.size, dtype, algo))
+        if bufs is not None:
+            np.concatenate(bufs, out=output)
+            return
     seq = group.begin()
     c = input.size
     if not group.phantom:  # phantom buffers stay untouched: they cost no memory

@@ -144,6 +144,7 @@ class Fabric:
         self.stale = 0  # messages of an epoch before the current one, dropped
         self.epoch = 0
         self.bytes_sent = 0
+        self.board_calls = 0  # collectives whose data went on the board (interconnect.collectives)
         # cards on one host: every message through shared-memory rings (interconnect.ringpath)
         self.rings = RingPath(self, inbox_name) if inbox_name is not None else None
 

@@ -101,15 +101,20 @@ class RingPath:
                 n += 1
         return n
 
+    def serve_socket(self) -> None:
+        """Now and then, file what came on the ZeroMQ socket: strays are heard and judged there too."""
+        if time.monotonic() >= self._socket_check:
+            self._socket_check = time.monotonic() + SOCKET_CHECK_S
+            fabric = self.fabric
+            while fabric._pull.poll(0):
+                fabric._file_checked(fabric._pull.recv_multipart(copy=False))
+
     def pump(self, waiting_for: str, src: int | None) -> None:
         """Wait until at least one record arrived and file what is there."""
         from interconnect.fabric import FabricError, FabricTimeout
 
         fabric, inbox = self.fabric, self.inbox
-        if time.monotonic() >= self._socket_check:  # the socket stays served: strays are heard and judged
-            self._socket_check = time.monotonic() + SOCKET_CHECK_S
-            while fabric._pull.poll(0):
-                fabric._file_checked(fabric._pull.recv_multipart(copy=False))
+        self.serve_socket()
         if self.drain() or (spin_until(lambda: inbox.ready(self.num_slots).size, SPIN_S) and self.drain()):
             return
         deadline = time.monotonic() + fabric.recv_timeout

@@ -10,6 +10,7 @@ receiver waits on a single thing::
           tails[num_slots]   u64, bytes ever read from ring i (the receiver writes it)
           pids[num_slots]    u64, pid of the sender attached to slot i
           board              BOARD_GROUPS x 2 entries of BOARD_WORDS u64 (the receiver writes it, see ``Board``)
+          board data         BOARD_GROUPS x 2 areas of BOARD_DATA_BYTES (the receiver writes it, see ``Board``)
           rings              num_slots x ring_bytes
 
 A record is ``[u32 header length][u32 payload length][header][payload]``, padded
@@ -101,6 +102,11 @@ BOARD_GROUPS = 32  # process groups a card publishes entry states for
 # gid, epoch, seq, then up to 1021 values (seq is written last: it commits the entry); a phantom step's
 # entry is 3 + (2 x layers + 2) costs + (2 x layers + 1) sizes (devices.phantom): 326 for an 80-layer model
 BOARD_WORDS = 1024
+# Data that small collectives publish beside their entry (interconnect.collectives, "on the board"): one
+# area per entry. 32 KiB holds a decode step's activations up to batch 64 at hidden size 256 (bf16), and
+# every message of the one-shot sizes where per-message work, not bytes, sets the wall time. The pages
+# of unused areas are never touched, so they take no memory.
+BOARD_DATA_BYTES = 32 << 10
 
 
 class _Layout:
@@ -120,15 +126,22 @@ class _Layout:
         self.pids = np.frombuffer(self.seg.buf, np.uint64, num_slots, HEADER + 16 * num_slots)
         self.board = np.frombuffer(self.seg.buf, np.int64, BOARD_GROUPS * 2 * BOARD_WORDS,
                                    HEADER + 24 * num_slots).reshape(BOARD_GROUPS, 2, BOARD_WORDS)
+        self.board_data = np.frombuffer(self.seg.buf, np.uint8, BOARD_GROUPS * 2 * BOARD_DATA_BYTES,
+                                        _board_data0(num_slots)).reshape(BOARD_GROUPS, 2, BOARD_DATA_BYTES)
         self.data0 = _data0(num_slots)
 
     def close(self) -> None:
         self.bytes = self.meta = self.bell = self.heads = self.tails = self.pids = self.board = None
+        self.board_data = None
         self.seg.close()
 
 
-def _data0(num_slots: int) -> int:
+def _board_data0(num_slots: int) -> int:
     return -(-(HEADER + 24 * num_slots + BOARD_GROUPS * 2 * BOARD_WORDS * 8) // 4096) * 4096
+
+
+def _data0(num_slots: int) -> int:
+    return _board_data0(num_slots) + BOARD_GROUPS * 2 * BOARD_DATA_BYTES
 
 
 def inbox_size(num_slots: int, ring_bytes: int) -> int:
@@ -189,6 +202,10 @@ class Inbox:
     @property
     def board(self) -> np.ndarray:
         return self._l.board
+
+    @property
+    def board_data(self) -> np.ndarray:
+        return self._l.board_data
 
     def close(self, unlink: bool = True) -> None:
         self._l.close()
@@ -253,6 +270,10 @@ class Outbox:
     @property
     def board(self) -> np.ndarray:
         return self._l.board
+
+    @property
+    def board_data(self) -> np.ndarray:
+        return self._l.board_data
 
     def wake(self) -> None:
         """Ring the receiver's doorbell (after publishing on this process's board)."""

@@ -157,7 +157,8 @@ class Cluster:
                                         num_cards=self.num_devices, check_cards=self._check_cards, heartbeat_timeout=self.heartbeat_timeout)
             self.steps = StepChannel(self._ctx, f"ipc://{self.run_dir}/steps", self.control)
             for card in range(self.num_devices):
-                self.procs[card] = self._spawn(card, attach=False)
+                with signals_deferred():  # a SIGTERM lands between spawns: no card is started but not known
+                    self.procs[card] = self._spawn(card, attach=False)
             self._await_hello(range(self.num_devices), progress)
             self._fabric_init(range(self.num_devices))
         except BaseException:
@@ -320,7 +321,8 @@ class Cluster:
             raise ClusterError(f"card {card} (pid {old.pid}) is still running; only a dead card restarts")
         self.control.forget(card, old.pid)
         self.steps.forget(card)
-        self.procs[card] = self._spawn(card, attach=True)
+        with signals_deferred():
+            self.procs[card] = self._spawn(card, attach=True)
         self._await_hello([card])
         self._fabric_init([c for c in range(self.num_devices) if c not in self.control.dead])
         return self.control.hello[card]

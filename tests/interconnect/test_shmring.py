@@ -99,12 +99,26 @@ def _fabric(ctx, run: str, rank: int, run_dir: str, n: int = 2) -> Fabric:
     return fabric
 
 
+def _data(rank: int, seq: int) -> np.ndarray:
+    """What member ``rank`` publishes with call ``seq``: its length and bytes change every call."""
+    return (np.arange((seq * 7 + rank * 3) % 1000 + 1, dtype=np.int64) * 31 + seq * 1000 + rank).astype(np.int32)
+
+
 def _exchanges(group: ProcessGroup, calls: int, mode: str = "values") -> None:
-    """``calls`` exchanges, each checked: a few ints (phantom collectives) or a phantom step's hundreds."""
+    """``calls`` exchanges, each checked: a few ints (phantom collectives), a phantom step's hundreds,
+    or a few ints and a buffer (small collectives of real cards), read in place from every member."""
+    board = group.fabric.rings.board
     for _ in range(calls):
         seq = group.begin()
         want = [[r, seq, 10**12 + r * seq] + ([r * seq] * 131 if mode == "step" else []) for r in range(group.size)]
-        assert group.exchange(seq, want[group.rank]) == want
+        if mode != "data":
+            assert group.exchange(seq, want[group.rank]) == want
+            continue
+        mine = _data(group.rank, seq)
+        assert board.exchange(group.ranks, group.gid, group.fabric.epoch, seq, want[group.rank], mine) == want
+        for r in range(group.size):
+            expected = _data(r, seq)
+            assert np.array_equal(board.data(r, group.gid, seq, expected.nbytes).view(np.int32), expected)
 
 
 def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int, mode: str) -> None:
@@ -115,7 +129,7 @@ def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int, mo
     time.sleep(60)  # stays in the group until killed
 
 
-@pytest.mark.parametrize("mode", ["values", "step"])
+@pytest.mark.parametrize("mode", ["values", "step", "data"])
 def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_prefix, mode):
     run, n, calls = _run_name(shm_prefix), 3, 300
     ctx = zmq.Context()
