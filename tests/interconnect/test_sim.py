@@ -80,3 +80,26 @@ def test_phantom_double_trees_and_multi_channel_rings_give_the_real_cards_figure
         a = real.bench_collective(kind, count, "float32", algo=algo, warmup=1, iters=1)
         b = phantom.bench_collective(kind, count, "float32", algo=algo, warmup=1, iters=1)
         assert a["wrong"] == 0 and b["emu_ns"] == a["emu_ns"], (count, a, b)
+
+
+@pytest.mark.parametrize("topology,options", [("switch", {}), ("switch-tree", {"cards_per_leaf": 3}),
+                                              ("host-staged", {})])
+def test_one_shot_shortcut_equals_running_the_algorithms_messages(topology, options):
+    """The one-shot all_reduce and all_gather are simulated from their port operations alone: the same
+    figures as running ``interconnect.oneshot`` over mailboxes, from skewed entry states."""
+    rng = random.Random(topology)
+    topo = get_topology(topology, 6, **options)
+    shortcuts = 0
+    for kind in ("all_reduce", "all_gather"):
+        for count, dtype in ((1, "float32"), (3, "bfloat16"), (1000, "float32"), (8192, "bfloat16"), (10**5, "float32")):
+            for n in (2, 3, 4, 6):
+                cards = rng.sample(range(6), n)  # any group order
+                base = rng.randrange(10**9)
+                states = [(base + rng.randrange(5000), base + rng.randrange(-4000, 9000),
+                           base + rng.randrange(-9000, 9000)) for _ in range(n)]
+                for algo in ("one-shot", "auto"):
+                    call = sim.Call(kind, count, dtype, algo)
+                    assert sim.simulate(call, cards, topo, REDUCE, states) == \
+                        sim.simulate_messages(call, cards, topo, REDUCE, states), (kind, count, n, algo)
+                    shortcuts += sim._algo_name(call, cards, topo) == "one-shot"
+    assert shortcuts >= 40  # most of these calls took the shortcut
