@@ -52,6 +52,11 @@ def choose(op: str, nbytes: int, cards: list[int], topology: Topology) -> str:
     return _choose(op, nbytes, tuple(cards), topology)
 
 
+def resolve(algo: str, op: str, nbytes: int, cards: list[int], topology: Topology) -> str:
+    """``algo`` itself, or for ``"auto"`` the algorithm the rule picks (``nbytes``: the whole buffer)."""
+    return choose(op, nbytes, cards, topology) if algo == "auto" else algo
+
+
 @lru_cache(maxsize=1 << 14)
 def _choose(op: str, nbytes: int, cards: tuple, topology: Topology) -> str:
     n = len(cards)

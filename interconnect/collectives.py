@@ -33,8 +33,7 @@ def check_algo(algo: str) -> None:
 
 
 def _algo(g: ProcessGroup, op: str, nbytes: int, algo: str):
-    if algo == "auto":
-        algo = auto.choose(op, nbytes, g.ranks, g.fabric.ports.topology)
+    algo = auto.resolve(algo, op, nbytes, g.ranks, g.fabric.ports.topology)
     check_algo(algo)
     if algo.startswith(ring_search.PREFIX):
         return ring_search.algorithm(algo, g.ranks, g.fabric.ports.topology)
@@ -92,8 +91,7 @@ def _on_board(kind: str, group: ProcessGroup, nbytes: int, algo: str) -> bool:
     if not (BOARD_DATA and rings is not None and rings.active and not fabric.phantom and group.size > 1
             and 0 < nbytes <= BOARD_DATA_BYTES and rings.board.can_publish(group.gid, 4)):
         return False
-    return kind != "all_reduce" or (algo if algo != "auto" else auto.choose(
-        kind, nbytes, group.ranks, fabric.ports.topology)) == "one-shot"
+    return kind != "all_reduce" or auto.resolve(algo, kind, nbytes, group.ranks, fabric.ports.topology) == "one-shot"
 
 
 def _board_call(group: ProcessGroup, mine: np.ndarray, call: sim.Call):

@@ -148,7 +148,7 @@ def simulate(call: Call, cards: list[int], topology, reduce_ns, states: list[tup
     """Run ``call`` over ``cards`` from entry ``states`` (clock, tx_free, rx_free) per rank;
     returns each rank's (clock, tx_free or None, rx_free or None) after it, None where the
     call left that port alone."""
-    if len(cards) > 1 and call.count and _algo_name(call, cards, topology) == "one-shot" and call.kind in ONE_SHOT:
+    if call.kind in ONE_SHOT and len(cards) > 1 and call.count and _algo_name(call, cards, topology) == "one-shot":
         return one_shot(call, cards, topology, reduce_ns, states)
     return simulate_messages(call, cards, topology, reduce_ns, states)
 
@@ -158,13 +158,10 @@ ONE_SHOT = ("all_reduce", "all_gather")
 
 def _algo_name(call: Call, cards: list[int], topology) -> str:
     """The algorithm the call runs (``auto`` resolved as ``collectives`` resolves it: on the whole buffer)."""
-    if call.algo != "auto":
-        return call.algo
     from interconnect import auto
 
-    itemsize = wire.itemsize(call.dtype)
-    nbytes = call.count * itemsize * (len(cards) if call.kind == "all_gather" else 1)
-    return auto.choose(call.kind, nbytes, cards, topology)
+    nbytes = call.count * wire.itemsize(call.dtype) * (len(cards) if call.kind == "all_gather" else 1)
+    return auto.resolve(call.algo, call.kind, nbytes, cards, topology)
 
 
 def one_shot(call: Call, cards: list[int], topology, reduce_ns, states: list[tuple[int, int, int]]):
