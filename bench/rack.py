@@ -31,6 +31,9 @@ from bench.workload import load_dataset, schedule, synthetic_prompts
 from rsd_runtime.cli import add_compiler_args
 
 
+REPLAY_MAX_NUM_SEQS = 64
+
+
 def add_args(p) -> None:
     """The replay's own options (--model, --tp, --phantom, the workload and --json are the live benchmark's)."""
     g = p.add_argument_group("replay on the emulated clock (--replay)")
@@ -40,7 +43,10 @@ def add_args(p) -> None:
     g.add_argument("--backend", choices=["sim", "cards"], default="sim",
                    help="phantom instances in this process (sim) or on card processes (same figures)")
     g.add_argument("--topology", default=None, help="fabric of each instance: a preset or a .toml file")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per instance step")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"sequences per step at most: of each replayed instance (default {REPLAY_MAX_NUM_SEQS}); "
+                        "of a --launch server and of --compare-offline's LLM.generate, which also batches no "
+                        "more than --max-concurrency, as the server can (default 16, the server's)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per instance step, prefill chunks included")
     g.add_argument("--kv-utilization", type=float, default=0.9,

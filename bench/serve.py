@@ -30,6 +30,8 @@ from bench import rack
 from bench.serve_metrics import RequestResult, parse_goodput, print_table, summarize, summarize_emulated
 from bench.workload import PromptSpec, load_dataset, schedule, synthetic_prompts
 
+LIVE_MAX_NUM_SEQS = 16  # rsd-launch serve's default (rsd_runtime.scheduler.MAX_NUM_SEQS)
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0],
@@ -76,6 +78,10 @@ def parse_args(argv):
         p.error(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     if args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
+    if args.max_num_seqs is None:
+        args.max_num_seqs = rack.REPLAY_MAX_NUM_SEQS if args.replay else LIVE_MAX_NUM_SEQS
+    if args.max_num_seqs < 1:
+        p.error(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.stream_interval < 1:
         p.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.rounds < 1:
@@ -221,8 +227,10 @@ class Offline:
 
         self.specs = specs
         self.params = [SamplingParams(max_tokens=s.output_len, temperature=0, ignore_eos=True) for s in specs]
+        # the server never runs more than --max-concurrency requests at once: neither does the offline batch
+        self.max_num_seqs = min(args.max_num_seqs, args.max_concurrency or args.max_num_seqs)
         self.llm = LLM(args.model, tensor_parallel_size=args.tp, phantom=args.phantom, progress=False,
-                       shm_prefix="rsdbs" + str(os.getpid()))
+                       max_num_seqs=self.max_num_seqs, shm_prefix="rsdbs" + str(os.getpid()))
         self.llm.generate([specs[0].prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
 
     def run(self) -> dict:
@@ -233,6 +241,7 @@ class Offline:
         duration = time.perf_counter() - t0
         tokens = sum(len(o.token_ids) for o in outs)
         return {"duration": duration, "total_output_tokens": tokens, "output_throughput": tokens / duration,
+                "max_num_seqs": self.max_num_seqs,
                 "tokens_per_step": round(tokens / max(self.llm.engine.stats.steps - steps, 1), 2)}
 
     def close(self) -> None:
@@ -268,7 +277,8 @@ def main(argv=None) -> int:
         from rsd_runtime.server.launch import ServerProcess
 
         server = ServerProcess(model=args.model, tp=args.tp, phantom=args.phantom,
-                               extra_args=["--stream-interval", str(args.stream_interval)]).start()
+                               extra_args=["--stream-interval", str(args.stream_interval),
+                                           "--max-num-seqs", str(args.max_num_seqs)]).start()
     try:
         base_url = (server.base_url if server else args.base_url).rstrip("/")
         try:
@@ -340,7 +350,7 @@ def main(argv=None) -> int:
             print(f"round {i}: output tokens/s, wall clock: server {r['server_output_throughput']:.1f}, "
                   f"LLM.generate {r['output_throughput']:.1f}, ratio {r['server_over_offline']:.3f}")
             print(f"  output tokens per engine step: server {r['server_tokens_per_step']:.2f}, "
-                  f"LLM.generate {r['tokens_per_step']:.2f}")
+                  f"LLM.generate {r['tokens_per_step']:.2f} (max_num_seqs {r['max_num_seqs']})")
             cpu = r["cpu_ms_per_1k_tokens"]
             print("  CPU ms per 1k output tokens: " + "; ".join(
                 f"{name.replace('_', ' ')}: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu[name].items())

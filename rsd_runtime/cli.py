@@ -366,7 +366,8 @@ def _serve_args(p):
     coe.add_argument("--staging", choices=["ddr", "host"], default=None,
                      help="where every expert waits: the cards' DDR tier, or host memory (default: DDR if the "
                           "device has one)")
-    add("--max-num-seqs", type=int, default=16, help="requests in the running batch at most")
+    add("--max-num-seqs", type=int, default=16,  # scheduler.MAX_NUM_SEQS (importing it loads torch)
+        help="requests in the running batch at most")
     add("--max-num-batched-tokens", type=int, default=512, help="tokens per step at most")
     add("--max-waiting", type=int, default=None, help="refuse new requests (503) while this many wait")
     add("--stream-interval", type=int, default=1,

@@ -36,6 +36,7 @@ from rsd_runtime.engine import EngineStats, LLMEngine, resolve_model
 from rsd_runtime.errors import EngineDeadError
 from rsd_runtime.outputs import RequestOutput
 from rsd_runtime.sampling import SamplingParams
+from rsd_runtime.scheduler import MAX_NUM_SEQS
 
 log = logging.getLogger("rsd.coe")
 
@@ -69,7 +70,7 @@ class CoEEngine:
     def __init__(self, models: dict[str, str], tp: int = 1, *, device: str | DeviceSpec = "atom-plus",
                  staging: str | None = None, router: str | RouterConfig | None = None, phantom: bool = False,
                  backend: str = "cards", topology: str | None = None, block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 16, progress: bool = True,
+                 num_kv_blocks: int | None = None, max_num_seqs: int = MAX_NUM_SEQS, progress: bool = True,
                  shm_prefix: str | None = None, **engine_kwargs):
         if not models:
             raise ValueError("models: give at least one expert (name -> checkpoint or preset)")

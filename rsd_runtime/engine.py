@@ -40,7 +40,7 @@ from rsd_runtime.outputs import RequestOutput, TokenLogprob
 from rsd_runtime.phases import phase
 from rsd_runtime.request import Request
 from rsd_runtime.sampling import Sampler, SamplingParams, make_generator, token_logprobs
-from rsd_runtime.scheduler import Batch, Scheduler, ScheduledSeq
+from rsd_runtime.scheduler import MAX_NUM_SEQS, Batch, Scheduler, ScheduledSeq
 from rsd_runtime.sequence import Sequence
 from rsd_runtime.stopping import TextStop, token_stop
 from rsd_runtime.tokenizer import IncrementalDecoder, Tokenizer, tokenizer_file
@@ -57,7 +57,7 @@ def host_threads(num_cards: int) -> None:
 
 class LLMEngine:
     def __init__(self, model: str, tp: int = 1, *, device: str = "atom-plus", dtype: str | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 16,
+                 block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = MAX_NUM_SEQS,
                  max_num_batched_tokens: int = 512, chunk_size: int = 256, max_model_len: int | None = None,
                  kv_utilization: float | None = None, progress: bool = True, phantom: bool = False,
                  check_weights: bool | None = None, cluster: Cluster | None = None, cards: list[int] | None = None,

@@ -67,8 +67,11 @@ class Batch:
         return sum(s.num_tokens for s in self.seqs)
 
 
+MAX_NUM_SEQS = 16  # requests in the running batch at most, unless told otherwise
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 16,
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = MAX_NUM_SEQS,
                  max_num_batched_tokens: int = 512, chunk_size: int = 256):
         if min(max_num_seqs, max_num_batched_tokens, chunk_size) < 1:
             raise ValueError(f"max_num_seqs, max_num_batched_tokens and chunk_size must be >= 1, got "

@@ -35,11 +35,15 @@ def test_bench_serve_measures_a_live_server(tmp_path, capsys):
 def test_compare_offline_alternates_rounds_on_the_same_prompts(tmp_path, capsys):
     out = tmp_path / "serve.json"
     code = serve.main(["--launch", "--tp", "1", "--num-prompts", "4", "--input-len", "8", "--output-len", "6",
-                       "--compare-offline", "--rounds", "2", "--json", str(out), "--disable-tqdm"])
+                       "--max-concurrency", "2", "--compare-offline", "--rounds", "2", "--json", str(out),
+                       "--disable-tqdm"])
     assert code == 0
     doc = json.loads(out.read_text())
     rounds = doc["offline"]["rounds"]
     assert len(rounds) == 2 and all(r["total_output_tokens"] == doc["total_output_tokens"] == 24 for r in rounds)
+    # two streams at a time: the offline batch is held to two requests as well, or it would batch all four
+    assert all(r["max_num_seqs"] == 2 and r["tokens_per_step"] <= 2 and r["server_tokens_per_step"] <= 2
+               for r in rounds)
     ratios = sorted(r["server_over_offline"] for r in rounds)
     assert doc["offline"]["server_over_offline"] == pytest.approx((ratios[0] + ratios[1]) / 2)
     assert "median ratio" in capsys.readouterr().out
