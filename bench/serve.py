@@ -5,7 +5,8 @@
     python -m bench.serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 8 \\
         --burstiness 0.5 --dataset prompts.jsonl --goodput ttft:50 tpot:20 --json results/serve.json
 
-Streaming clients (aiohttp, as vLLM's benchmark uses; one connection each) send ``/v1/completions`` requests at Poisson or
+Streaming clients (one keep-alive connection each, ``bench.sse_client``: asyncio and httptools, so that
+the client takes little of the CPU the server needs) send ``/v1/completions`` requests at Poisson or
 gamma arrival times (``bench.workload``), at most ``--max-concurrency`` at once, with
 ``ignore_eos`` so that each generates exactly its output length. TTFT, ITL and end-to-end
 latency are read on the wall clock as chunks arrive; the emulated timings each response
@@ -23,10 +24,10 @@ import statistics
 import sys
 import time
 
-import aiohttp
 import httpx
 
 from bench import rack
+from bench.sse_client import Pool
 from bench.serve_metrics import RequestResult, parse_goodput, print_table, summarize, summarize_emulated
 from bench.workload import PromptSpec, load_dataset, schedule, synthetic_prompts
 
@@ -90,46 +91,55 @@ def parse_args(argv):
 
 
 # -- one request -------------------------------------------------------------------------------
-async def send(session: aiohttp.ClientSession, url: str, model: str, spec: PromptSpec) -> RequestResult:
+async def send(pool: Pool, model: str, spec: PromptSpec) -> RequestResult:
     body = {"model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     res = RequestResult(ok=False, prompt_len=spec.prompt_len or 0)
     start = time.perf_counter()
     last = None
+    pending = b""
+    raw = []  # the body of a response that is not a stream (an error)
+
+    def on_body(data: bytes, now: float) -> None:
+        nonlocal last, pending
+        if res.error:
+            return
+        raw.append(data)
+        *events, pending = (pending + data).split(b"\n\n")  # whatever has arrived: one event or several
+        for event in events:
+            if not event.startswith(b"data: "):
+                continue
+            if b'"finish_reason":null' in event:  # a token event: only its time matters, no parsing
+                last = _token(res, start, last, now)
+                continue
+            if event == b"data: [DONE]":
+                break
+            obj = json.loads(event[6:])
+            if "error" in obj:
+                res.error = obj["error"].get("message", "error")
+                return
+            if obj.get("choices"):
+                last = _token(res, start, last, now)
+                res.emulated = obj["choices"][0].get("timings")
+            if obj.get("usage"):
+                res.output_len = obj["usage"]["completion_tokens"]
+                res.prompt_len = obj["usage"]["prompt_tokens"]
+
     try:
-        async with session.post(url, json=body) as r:
-            res.instance = r.headers.get("x-rsd-instance")
-            if r.status != 200:
-                res.error = f"HTTP {r.status}: {(await r.read()).decode(errors='replace')[:200]}"
-                return res
-            pending = b""
-            async for data in r.content.iter_any():  # whatever has arrived: one event or several
-                now = time.perf_counter()
-                *events, pending = (pending + data).split(b"\n\n")
-                for event in events:
-                    if not event.startswith(b"data: "):
-                        continue
-                    if b'"finish_reason":null' in event:  # a token event: only its time matters, no parsing
-                        last = _token(res, start, last, now)
-                        continue
-                    if event == b"data: [DONE]":
-                        break
-                    obj = json.loads(event[6:])
-                    if "error" in obj:
-                        res.error = obj["error"].get("message", "error")
-                        return res
-                    if obj.get("choices"):
-                        last = _token(res, start, last, now)
-                        res.emulated = obj["choices"][0].get("timings")
-                    if obj.get("usage"):
-                        res.output_len = obj["usage"]["completion_tokens"]
-                        res.prompt_len = obj["usage"]["prompt_tokens"]
-        res.latency_s = (last or time.perf_counter()) - start
-        res.ok = last is not None
-        if not res.ok:
-            res.error = "the stream ended without a token"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        status, headers = await pool.stream("/v1/completions", body, on_body)
+    except (OSError, asyncio.TimeoutError, ValueError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
+        return res
+    res.instance = headers.get("x-rsd-instance")
+    if status != 200:
+        res.error = f"HTTP {status}: {b''.join(raw).decode(errors='replace')[:200]}"
+        return res
+    if res.error:
+        return res
+    res.latency_s = (last or time.perf_counter()) - start
+    res.ok = last is not None
+    if not res.ok:
+        res.error = "the stream ended without a token"
     return res
 
 
@@ -156,11 +166,10 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
     from tqdm import tqdm
 
     limit = max_concurrency or len(specs)
-    url = base_url + "/v1/completions"
     sem = asyncio.Semaphore(limit)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600.0),
-                                     connector=aiohttp.TCPConnector(limit=limit)) as client:
-        warm = await send(client, url, model, PromptSpec(specs[0].prompt, 2))
+    client = Pool(base_url, limit)
+    try:
+        warm = await send(client, model, PromptSpec(specs[0].prompt, 2))
         if not warm.ok:
             raise ValueError(f"the warm-up request failed: {warm.error}")
         bar = tqdm(total=len(specs), desc="requests", unit="req", file=sys.stderr, disable=not progress)
@@ -169,7 +178,7 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             async with sem:
                 sent = time.perf_counter() - t0
-                r = await send(client, url, model, spec)
+                r = await send(client, model, spec)
                 r.sent_s = sent
             bar.update(1)
             return r
@@ -178,6 +187,8 @@ async def run(base_url: str, model: str, specs: list[PromptSpec], times: list[fl
         results = await asyncio.gather(*(one(s, at) for s, at in zip(specs, times)))
         duration = time.perf_counter() - t0
         bar.close()
+    finally:
+        client.close()
     return list(results), duration
 
 
