@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 import logging
 import queue
 import threading
@@ -48,14 +49,33 @@ class EngineStopped(RuntimeError):
 
 
 class _Stream:
-    """One request's outputs, read by its caller's event loop."""
+    """One request's outputs, read by its caller's event loop.
 
-    __slots__ = ("loop", "queue", "finished", "held", "started")
+    A mailbox of one reader: the loop's thread appends and wakes the reader's future if it waits
+    (an ``asyncio.Queue`` does the same with more steps, once per token per stream)."""
+
+    __slots__ = ("loop", "items", "waiter", "finished", "held", "started")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue, self.finished = loop, asyncio.Queue(), False
+        self.loop, self.items, self.waiter, self.finished = loop, deque(), None, False
         self.held: RequestOutput | None = None  # deltas merged until the stream interval is reached
         self.started = False  # its first delta went out
+
+    def put(self, item) -> None:
+        """In the loop's thread."""
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
 
 
 class AsyncLLM:
@@ -292,7 +312,7 @@ class AsyncLLM:
     @staticmethod
     def _put(stream: _Stream, item) -> None:
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.put, item)
         except RuntimeError:
             pass
 
@@ -311,7 +331,8 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.done:
             raise StopAsyncIteration
-        out = await self._stream.queue.get()
+        stream = self._stream
+        out = stream.items.popleft() if stream.items else await stream.get()
         if isinstance(out, BaseException):
             self.done = True
             raise out
@@ -327,4 +348,4 @@ class RequestStream:
 
 def _put_all(items) -> None:
     for stream, item in items:
-        stream.queue.put_nowait(item)
+        stream.put(item)

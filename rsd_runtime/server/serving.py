@@ -103,7 +103,7 @@ class Generation:
         if len(self.streams) == 1:
             choice, stream = self.choices[0], self.streams[0]
             async for out in stream:
-                yield choice, self._account(choice, out)
+                yield choice, self.account(choice, out)
             return
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -123,12 +123,12 @@ class Generation:
                     raise out
                 if out.finished:
                     left -= 1
-                yield choice, self._account(choice, out)
+                yield choice, self.account(choice, out)
         finally:
             for t in tasks:
                 t.cancel()
 
-    def _account(self, choice: Choice, out):
+    def account(self, choice: Choice, out):
         metrics = self.server.metrics
         if choice.last_time is not None and out.token_ids:
             n = len(out.token_ids)  # a delta of several tokens (--stream-interval): its gap, shared out
