@@ -44,13 +44,14 @@ class Executor:
         shapes = {n: tuple(card.arena.entries[a][2]) for n, a in names.items()}
         self.program = StepProgram(self.ops, m, card.spec, shapes)
         self.kv = card.kv.tensors()
+        self.calls = [(getattr(self, "op_" + op["op"]), op) for op in self.ops]  # looked up once, run every step
 
     # -- one step ---------------------------------------------------------------------
     def step(self, step: StepPlan) -> torch.Tensor | None:
         """Run the step's tasks on the card's engines (``devices.schedule``); the logits, if this card
         returns them. Each chunk of the step's rows keeps its own buffers; the tail runs on all rows."""
         k = chunk_count(step, step.chunks)
-        tasks, prog, clock = self.program.tasks(k), self.program, self.card.clock
+        tasks, prog, clock, calls = self.program.tasks(k), self.program, self.card.clock, self.calls
         chunks = [_Context(p, self) for p in split_plan(step, k)]
         whole = chunks[0] if k == 1 else None
         out = None
@@ -63,8 +64,10 @@ class Executor:
                 whole.env.update({n: torch.cat([c.env[n] for c in chunks]) for n in prog.tail_inputs})
             ctx = whole if task.chunk == WHOLE else chunks[task.chunk]
             ctx.enter(self)
+            env = ctx.env
             for j in task.ops:
-                got = getattr(self, "op_" + self.ops[j]["op"])(self.ops[j], ctx.env)
+                fn, op = calls[j]
+                got = fn(op, env)
                 if got is not None:
                     out = got
             return start + prog.compute_ns(task.ops, ctx.plan)
@@ -74,8 +77,8 @@ class Executor:
             ctx = whole if task.chunk == WHOLE else chunks[task.chunk]
             ctx.enter(self)
             clock.now = start
-            op = self.ops[task.ops[0]]
-            getattr(self, "op_" + op["op"])(op, ctx.env)
+            fn, op = calls[task.ops[0]]
+            fn(op, ctx.env)
             return clock.now
 
         clock.now = max(walk(tasks, clock.now, compute, collective).values())

@@ -32,12 +32,16 @@ class Board:
         self.path = path  # the card's RingPath
         self.rows: dict[int, int] = {}  # gid -> row on this card's board
         self.peer_rows: dict[tuple, int] = {}  # (card, gid) -> row on that card's board
+        self._peers: dict[int, tuple] = {}  # gid -> (its cards, [(peer, its outbox)])
+        self._halves: dict[tuple, tuple] = {}  # (card, gid) -> both halves of that card's row, as views
 
     def reset(self) -> None:
         """Forget every entry (the group call numbers restart, or a peer has a new inbox)."""
         self.path.inbox.board[:, :, :3] = 0  # gid, epoch, seq: no entry matches
         self.rows.clear()
         self.peer_rows.clear()
+        self._peers.clear()
+        self._halves.clear()
 
     def can_publish(self, gid: int, num_values: int) -> bool:
         return num_values <= MAX_VALUES and (gid in self.rows or len(self.rows) < BOARD_GROUPS)
@@ -46,7 +50,7 @@ class Board:
                  data: np.ndarray | None = None) -> list[list[int]]:
         """Every card's ``values`` for call ``seq`` of group ``gid``, in the order of ``cards``.
         ``data`` (contiguous, at most ``BOARD_DATA_BYTES``) is published beside them: ``data`` reads it."""
-        path, me = self.path, self.path.fabric.rank
+        path = self.path
         path.serve_socket()
         row = self.rows.setdefault(gid, len(self.rows))
         entry = path.inbox.board[row, seq % 2]
@@ -55,17 +59,20 @@ class Board:
             path.inbox.board_data[row, seq % 2, :raw.size] = raw
         n = len(values)
         entry[3:3 + n] = values
-        entry[0], entry[1] = gid, epoch
+        entry[:2] = gid, epoch
         entry[2] = seq  # last: commits the entry
-        peers = [c for c in cards if c != me]
-        boxes = {c: path._outbox(c) for c in peers}
-        for box in boxes.values():
+        known = self._peers.get(gid)
+        if known is None or known[0] != cards:
+            me = path.fabric.rank
+            known = self._peers[gid] = (list(cards), [(c, path._outbox(c)) for c in cards if c != me])
+        peers = known[1]
+        for _, box in peers:
             box.wake()
-        got = {me: list(values)}
+        got = {path.fabric.rank: list(values)}
         key = (gid, epoch, seq, n)
-        pending = [c for c in peers if not self._read(c, boxes[c], key, got)]
+        pending = [p for p in peers if not self._read(p[0], p[1], key, got)]
         if pending:
-            self._wait(pending, boxes, key, got)
+            self._wait(pending, key, got)
         return [got[c] for c in cards]
 
     def data(self, card: int, gid: int, seq: int, nbytes: int) -> np.ndarray:
@@ -76,7 +83,8 @@ class Board:
             return path.inbox.board_data[self.rows[gid], seq % 2, :nbytes]
         return path._outbox(card).board_data[self.peer_rows[(card, gid)], seq % 2, :nbytes]
 
-    def _wait(self, pending: list[int], boxes: dict, key: tuple, got: dict) -> None:
+    def _wait(self, pending: list[tuple], key: tuple, got: dict) -> None:
+        """Until every (card, outbox) of ``pending`` has published call ``key``."""
         from interconnect.fabric import FabricError, FabricTimeout
 
         path, me, seq = self.path, self.path.fabric.rank, key[2]
@@ -85,37 +93,40 @@ class Board:
         slice_s = FIRST_SLICE_S
         while pending:
             seen = inbox.doorbell()
-            pending = [c for c in pending if not self._read(c, boxes[c], key, got)]
+            pending = [p for p in pending if not self._read(p[0], p[1], key, got)]
             if pending:
                 inbox.sleep(seen, slice_s)
-            pending = [c for c in pending if not self._read(c, boxes[c], key, got)]
+            pending = [p for p in pending if not self._read(p[0], p[1], key, got)]
             if not pending:
                 break
             if slice_s < SLICE_S:
                 slice_s = SLICE_S
                 continue
             fabric.abort_check()
-            for c in pending:
-                if not pid_alive(boxes[c].receiver_pid):
-                    raise FabricError(f"card {me}: card {c} (pid {boxes[c].receiver_pid}) died while this card "
+            for c, box in pending:
+                if not pid_alive(box.receiver_pid):
+                    raise FabricError(f"card {me}: card {c} (pid {box.receiver_pid}) died while this card "
                                       f"waited for its entry state (group call {seq})")
             if time.monotonic() > deadline:
                 raise FabricTimeout(f"card {me}: waited {fabric.recv_timeout:.0f} s for the entry states of "
-                                    f"cards {pending} (group call {seq})")
+                                    f"cards {[c for c, _ in pending]} (group call {seq})")
 
     def _read(self, card: int, box, key: tuple, got: dict) -> bool:
         gid, epoch, seq, n = key
-        board = box.board
-        row = self.peer_rows.get((card, gid))
-        if row is None:
+        halves = self._halves.get((card, gid))
+        if halves is None:
+            board = box.board
             rows = np.flatnonzero(board[:, 0, 0] == gid)
             if not rows.size:
                 rows = np.flatnonzero(board[:, 1, 0] == gid)
                 if not rows.size:
                     return False
             row = self.peer_rows[(card, gid)] = int(rows[0])
-        entry = board[row, seq % 2]
+            halves = self._halves[(card, gid)] = (board[row, 0], board[row, 1])
+        # one copy, in index order: seq (word 2) is loaded before the values it commits (x86 keeps
+        # loads in order), and a half is not rewritten while a member may still read it
+        entry = halves[seq % 2][:3 + n].tolist()
         if entry[2] != seq or entry[1] != epoch or entry[0] != gid:
             return False
-        got[card] = entry[3:3 + n].tolist()
+        got[card] = entry[3:]
         return True
