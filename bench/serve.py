@@ -30,8 +30,8 @@ from bench import rack
 from bench.sse_client import Pool
 from bench.serve_metrics import RequestResult, parse_goodput, print_table, summarize, summarize_emulated
 from bench.workload import PromptSpec, load_dataset, schedule, synthetic_prompts
+from rsd_runtime.scheduler import MAX_NUM_SEQS
 
-LIVE_MAX_NUM_SEQS = 16  # rsd-launch serve's default (rsd_runtime.scheduler.MAX_NUM_SEQS)
 
 
 def parse_args(argv):
@@ -80,7 +80,7 @@ def parse_args(argv):
     if args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
     if args.max_num_seqs is None:
-        args.max_num_seqs = rack.REPLAY_MAX_NUM_SEQS if args.replay else LIVE_MAX_NUM_SEQS
+        args.max_num_seqs = rack.REPLAY_MAX_NUM_SEQS if args.replay else MAX_NUM_SEQS
     if args.max_num_seqs < 1:
         p.error(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.stream_interval < 1:

@@ -22,6 +22,7 @@ from devices import shm
 from devices.memory import fmt_bytes
 from devices.spec import PRESETS
 from rsd_runtime.errors import CardDied, CardError, ClusterError, EngineDeadError
+from rsd_runtime.scheduler import MAX_NUM_SEQS
 
 log = logging.getLogger("rsd.cli")
 
@@ -203,17 +204,20 @@ SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperatur
 
 @command("generate", "generate text with a model split over --tp cards", _generate_args)
 def cmd_generate(args) -> int:
-    import psutil
-
     from devices.faults import FaultPlan
-    from rsd_runtime.llm import LLM
-    from rsd_runtime.phases import phase
 
+    # every flag is checked before torch and the engine load: a mistake is named at once
     tp_from_devices(args)
     faults = FaultPlan.parse(args.inject)
     params = sampling_params(args)
     prompts = args.prompt_ids or args.prompt or ["Hello"]
     check_tokenizer(args.model, args.phantom, prompts)
+
+    import psutil
+
+    from rsd_runtime.llm import LLM
+    from rsd_runtime.phases import phase
+
     with LLM(model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
              phantom=args.phantom, shm_prefix=args.shm_prefix, progress=not args.json,
              check_weights=args.check_weights, fusion=args.fusion, overlap=args.overlap,
@@ -269,7 +273,7 @@ def tp_from_devices(args) -> None:
 
 def sampling_params(args):
     """The request's SamplingParams; a bad value is named by its flag."""
-    from rsd_runtime.sampling import SamplingParams
+    from rsd_runtime.sampling_params import SamplingParams
 
     values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
               "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos}
@@ -366,8 +370,7 @@ def _serve_args(p):
     coe.add_argument("--staging", choices=["ddr", "host"], default=None,
                      help="where every expert waits: the cards' DDR tier, or host memory (default: DDR if the "
                           "device has one)")
-    add("--max-num-seqs", type=int, default=16,  # scheduler.MAX_NUM_SEQS (importing it loads torch)
-        help="requests in the running batch at most")
+    add("--max-num-seqs", type=int, default=MAX_NUM_SEQS, help="requests in the running batch at most")
     add("--max-num-batched-tokens", type=int, default=512, help="tokens per step at most")
     add("--max-waiting", type=int, default=None, help="refuse new requests (503) while this many wait")
     add("--stream-interval", type=int, default=1,
@@ -405,8 +408,6 @@ def _coe_server(args):
     from rsd_runtime.async_llm import AsyncLLM
     from rsd_runtime.coe_engine import CoEEngine
 
-    if args.model or args.instances != 1:
-        raise ValueError(f"--models replaces {'--model' if args.model else '--instances'}")
     engine = CoEEngine(parse_models(args.models), args.tp, device=args.device, phantom=args.phantom,
                        staging=args.staging, router=args.router, shm_prefix=args.shm_prefix,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -425,16 +426,23 @@ def cmd_serve(args) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.stream_interval < 1:
+        raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
+    if args.models:
+        parse_models(args.models)
+        if args.model or args.instances != 1:
+            raise ValueError(f"--models replaces {'--model' if args.model else '--instances'}")
+    elif args.router or args.staging:
+        raise ValueError(f"{'--router' if args.router else '--staging'} goes with --models")
+
     import uvicorn
 
     from rsd_runtime.async_llm import AsyncLLM
     from rsd_runtime.server.app import build_app, default_model_name, with_raw_send
     from rsd_runtime.tiny_model import ensure_tiny_model
 
-    if args.max_waiting is not None and args.max_waiting < 0:
-        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
-    if args.stream_interval < 1:
-        raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.instances != 1 and not args.models:
         from rsd_runtime.rack import serve_rack
 
@@ -442,8 +450,6 @@ def cmd_serve(args) -> int:
     if args.models:
         llm, model = _coe_server(args), None
     else:
-        if args.router or args.staging:
-            raise ValueError(f"{'--router' if args.router else '--staging'} goes with --models")
         model = args.model or str(ensure_tiny_model())
         llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,
                        stream_interval=args.stream_interval,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from rsd_runtime.sampling import SamplingParams
+from rsd_runtime.sampling_params import SamplingParams
 
 FINISH_REASONS = ("length", "stop", "eos", "abort", "error")
 

@@ -16,7 +16,7 @@ ever shows a stop string (or its first letters).
 """
 from __future__ import annotations
 
-from rsd_runtime.sampling import SamplingParams
+from rsd_runtime.sampling_params import SamplingParams
 from rsd_runtime.sequence import Sequence
 
 
