@@ -115,12 +115,17 @@ class Executor:
         k = rope.apply(env[op["k"]].view(T, kvh, hd), self.cos, self.sin)
         v = env[op["v"]].view(T, kvh, hd)
         k_cache, v_cache = self.kv[0][op["layer"]], self.kv[1][op["layer"]]  # (blocks, bs, kvh, hd)
-        if self.decode is not None:
+        rows = self.decode[5] if self.decode is not None else None
+        if self.decode is not None and rows is None:  # every sequence decodes one token
             env[op["out"]] = self._decode_attention(q, k, v, k_cache, v_cache)
             return
         bs = k_cache.shape[1]
         out = torch.empty(T, h * hd, dtype=q.dtype)
+        if rows is not None:  # the one-token sequences of a mixed step, batched as a decode step's
+            out[rows] = self._decode_attention(q[rows], k[rows], v[rows], k_cache, v_cache)
         for s in self.seqs:
+            if rows is not None and s.num_tokens == 1:
+                continue
             row, n, p0 = s.row, s.num_tokens, s.start
             pos = torch.arange(p0, p0 + n)
             table = torch.tensor(s.block_table, dtype=torch.int64)
@@ -140,28 +145,31 @@ class Executor:
         env[op["out"]] = out
 
     def _decode_plan(self, step: StepPlan, bs: int):
-        """Index tensors shared by every layer of a decode step (one token per sequence), or None.
+        """Index tensors shared by every layer of a step for its one-token sequences (decodes), or None
+        if it has none; the last item is their rows, or None when every sequence of the step is one.
 
         Each sequence's blocks are gathered into a (seqs, max blocks x block size) window padded
         with block 0; the mask hides the padding and, with a sliding window, what fell out of it.
         """
-        if not step.seqs or any(s.num_tokens != 1 for s in step.seqs):
+        seqs = [s for s in step.seqs if s.num_tokens == 1]
+        if not seqs:
             return None
-        pos = torch.tensor([s.start for s in step.seqs], dtype=torch.int64)  # (S,)
-        nb = max(-(-(s.start + 1) // bs) for s in step.seqs)
-        tables = torch.tensor([s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in step.seqs],
+        rows = None if len(seqs) == len(step.seqs) else torch.tensor([s.row for s in seqs], dtype=torch.int64)
+        pos = torch.tensor([s.start for s in seqs], dtype=torch.int64)  # (S,)
+        nb = max(-(-(s.start + 1) // bs) for s in seqs)
+        tables = torch.tensor([s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in seqs],
                               dtype=torch.int64)  # (S, nb)
         kpos = torch.arange(nb * bs)
         allowed = kpos[None, :] <= pos[:, None]
         if self.window:
             allowed &= (pos[:, None] - kpos[None, :]) < self.window
-        rows = torch.arange(len(step.seqs))
-        return pos, tables, tables[rows, pos // bs], pos % bs, allowed[:, None, None, :]
+        at = torch.arange(len(seqs))
+        return pos, tables, tables[at, pos // bs], pos % bs, allowed[:, None, None, :], rows
 
     def _decode_attention(self, q, k, v, k_cache, v_cache):
         """All sequences of a decode step in one batched attention (q, k, v: (S, heads, hd))."""
         S, h, kvh, hd = q.shape[0], self.h, self.kvh, self.hd
-        pos, tables, blk, slot, mask = self.decode
+        pos, tables, blk, slot, mask, _ = self.decode
         k_cache[blk, slot] = k
         v_cache[blk, slot] = v
         bs = k_cache.shape[1]

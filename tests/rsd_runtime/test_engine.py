@@ -53,6 +53,35 @@ def test_deltas_add_up_and_state_goes_with_the_request(llm, alone):
     assert eng.blocks.num_free_blocks == eng.num_kv_blocks
 
 
+def test_steps_mixing_decodes_and_prefills_give_each_request_what_it_gives_alone(llm, alone, monkeypatch):
+    """The one-token rows of a mixed step are attended as a batch, the prompts one by one; a one-token
+    prompt goes with the batch. Requests join while others decode, so most steps mix."""
+    eng = llm.engine
+    one = llm.generate([[9]], GREEDY)[0]  # a one-token prompt, alone
+    shapes = []
+    schedule = eng.scheduler.schedule
+
+    def recorded():
+        batch = schedule()
+        if batch is not None:
+            shapes.append(sorted(s.num_tokens for s in batch.seqs))
+        return batch
+
+    monkeypatch.setattr(eng.scheduler, "schedule", recorded)
+    joining = [("p0", PROMPTS[0]), ("one", [9]), ("p1", PROMPTS[1]), ("p3", PROMPTS[3]), ("p2", PROMPTS[2])]
+    tokens = {}
+    while joining or eng.has_unfinished():
+        if joining:
+            rid, prompt = joining.pop(0)
+            eng.add_request(rid, prompt, GREEDY)
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert any(s[0] == 1 and s[-1] > 1 for s in shapes), shapes  # decodes and a prompt in one step
+    assert tokens["one"] == one.token_ids
+    for rid, i in (("p0", 0), ("p1", 1), ("p2", 2), ("p3", 3)):
+        assert tokens[rid] == alone[i].token_ids, rid
+
+
 def test_abort_frees_blocks_at_once(llm):
     eng = llm.engine
     eng.add_request("x", PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
