@@ -8,7 +8,7 @@ Each body piece reaches ``on_body`` from the transport's ``data_received`` with 
 arrived, without a coroutine step per piece: at one Server-Sent Event per token per stream,
 the client shares the host's cores with the server it measures, and every microsecond it
 spends per event is taken from the server (measured on 2 cores, tiny model, tp=2, 16 streams:
-the benchmark's process took 24-29 ms of CPU per 1,000 streamed tokens, against 34-39 ms with
+the benchmark's process took 22-29 ms of CPU per 1,000 streamed tokens, against 34-43 ms with
 aiohttp's streaming reader). Connections are kept alive and reused, at most ``limit`` at once, as aiohttp's pool
 does. Plain http only: the benchmark measures servers on this host or its network.
 """
