@@ -29,6 +29,7 @@ import time
 from bench.serve_metrics import RequestResult, print_table, summarize
 from bench.workload import load_dataset, schedule, synthetic_prompts
 from rsd_runtime.cli import add_compiler_args
+from rsd_runtime.scheduler import MAX_NUM_SEQS
 
 
 REPLAY_MAX_NUM_SEQS = 64
@@ -46,7 +47,7 @@ def add_args(p) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help=f"sequences per step at most: of each replayed instance (default {REPLAY_MAX_NUM_SEQS}); "
                         "of a --launch server and of --compare-offline's LLM.generate, which also batches no "
-                        "more than --max-concurrency, as the server can (default 16, the server's)")
+                        f"more than --max-concurrency, as the server can (default {MAX_NUM_SEQS}, the server's)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per instance step, prefill chunks included")
     g.add_argument("--kv-utilization", type=float, default=0.9,

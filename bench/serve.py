@@ -27,11 +27,10 @@ import time
 import httpx
 
 from bench import rack
-from bench.sse_client import Pool
 from bench.serve_metrics import RequestResult, parse_goodput, print_table, summarize, summarize_emulated
+from bench.sse_client import Pool
 from bench.workload import PromptSpec, load_dataset, schedule, synthetic_prompts
 from rsd_runtime.scheduler import MAX_NUM_SEQS
-
 
 
 def parse_args(argv):

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from rsd_runtime.engine import EngineDeadError, LLMEngine

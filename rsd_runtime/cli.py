@@ -404,11 +404,11 @@ def parse_models(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _coe_server(args):
+def _coe_server(args, models: dict[str, str]):
     from rsd_runtime.async_llm import AsyncLLM
     from rsd_runtime.coe_engine import CoEEngine
 
-    engine = CoEEngine(parse_models(args.models), args.tp, device=args.device, phantom=args.phantom,
+    engine = CoEEngine(models, args.tp, device=args.device, phantom=args.phantom,
                        staging=args.staging, router=args.router, shm_prefix=args.shm_prefix,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        progress=False)
@@ -430,8 +430,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if args.stream_interval < 1:
         raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
-    if args.models:
-        parse_models(args.models)
+    models = parse_models(args.models) if args.models else None
+    if models:
         if args.model or args.instances != 1:
             raise ValueError(f"--models replaces {'--model' if args.model else '--instances'}")
     elif args.router or args.staging:
@@ -443,12 +443,12 @@ def cmd_serve(args) -> int:
     from rsd_runtime.server.app import build_app, default_model_name, with_raw_send
     from rsd_runtime.tiny_model import ensure_tiny_model
 
-    if args.instances != 1 and not args.models:
+    if args.instances != 1 and not models:
         from rsd_runtime.rack import serve_rack
 
         return serve_rack(args, router_options(args))
-    if args.models:
-        llm, model = _coe_server(args), None
+    if models:
+        llm, model = _coe_server(args, models), None
     else:
         model = args.model or str(ensure_tiny_model())
         llm = AsyncLLM(model, args.tp, restart_cards=args.restart_cards, max_waiting=args.max_waiting,

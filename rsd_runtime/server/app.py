@@ -187,16 +187,18 @@ class EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             include_usage = gen.body.stream_options is not None and gen.body.stream_options.include_usage
+
+            def event(choice, out) -> dict:
+                return {"type": "http.response.body", "body": gen.chunk(choice, out).encode(), "more_body": True}
+
             try:
                 if len(gen.streams) == 1:  # one choice: its stream is read here, with no generator between
                     choice, stream = gen.choices[0], gen.streams[0]
                     async for out in stream:
-                        await body({"type": "http.response.body", "more_body": True,
-                                    "body": gen.chunk(choice, gen.account(choice, out)).encode()})
+                        await body(event(choice, gen.account(choice, out)))
                 else:
                     async for choice, out in gen.deltas():
-                        await body({"type": "http.response.body", "body": gen.chunk(choice, out).encode(),
-                                    "more_body": True})
+                        await body(event(choice, out))
                 last = gen.usage_chunk() if include_usage else ""
             except (EngineError, EngineStopped) as exc:
                 last = error_event(APIError(500, f"the request failed: {exc}", None, "server_error"))
