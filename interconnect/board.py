@@ -9,12 +9,16 @@ Small collectives of real cards go the same way with their data: each card
 publishes its buffer beside its entry state, reads its peers' buffers in place
 and reduces them itself (``interconnect.collectives``, "on the board").
 
-An entry is ``[gid, epoch, seq, v0, v1, ...]`` in row ``gid`` of the card's
-board, in the half ``seq % 2``; ``seq`` is written last and commits it. A card
-can be at most one call ahead of any member of its group (it cannot finish
-call k + 1 before every member has published k + 1, which each does only after
-reading call k, data included), so two halves are enough: nothing is
-overwritten while a peer may still read it.
+An entry is ``[gid, epoch, seq, v0, v1, ...]`` in the group's row of the card's
+board; ``seq`` is written last and commits it. The group's board calls alternate
+between the row's two halves. A card can be at most one board call ahead of any
+member of its group (it cannot finish board call b + 1 before every member has
+published b + 1, which each does only after reading board call b, data
+included), so two halves are enough: nothing is overwritten while a peer may
+still read it. The half follows the count of board calls, not the call number
+``seq``: a call between two board calls that does not make the card wait (the
+root of a broadcast only sends) lets it start the next board call while a peer
+still reads the last one, and with ``seq % 2`` both would share a half.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class Board:
         self.peer_rows: dict[tuple, int] = {}  # (card, gid) -> row on that card's board
         self._peers: dict[int, tuple] = {}  # gid -> (its cards, [(peer, its outbox)])
         self._halves: dict[tuple, tuple] = {}  # (card, gid) -> both halves of that card's row, as views
+        self.calls: dict[int, int] = {}  # gid -> board calls of the group so far (their parity picks the half)
 
     def reset(self) -> None:
         """Forget every entry (the group call numbers restart, or a peer has a new inbox)."""
@@ -42,6 +47,7 @@ class Board:
         self.peer_rows.clear()
         self._peers.clear()
         self._halves.clear()
+        self.calls.clear()
 
     def can_publish(self, gid: int, num_values: int) -> bool:
         return num_values <= MAX_VALUES and (gid in self.rows or len(self.rows) < BOARD_GROUPS)
@@ -53,10 +59,12 @@ class Board:
         path = self.path
         path.serve_socket()
         row = self.rows.setdefault(gid, len(self.rows))
-        entry = path.inbox.board[row, seq % 2]
+        half = self.calls.get(gid, 0) % 2
+        self.calls[gid] = self.calls.get(gid, 0) + 1
+        entry = path.inbox.board[row, half]
         if data is not None:
             raw = data.reshape(-1).view(np.uint8)
-            path.inbox.board_data[row, seq % 2, :raw.size] = raw
+            path.inbox.board_data[row, half, :raw.size] = raw
         n = len(values)
         entry[3:3 + n] = values
         entry[:2] = gid, epoch
@@ -69,19 +77,19 @@ class Board:
         for _, box in peers:
             box.wake()
         got = {path.fabric.rank: list(values)}
-        key = (gid, epoch, seq, n)
+        key = (gid, epoch, seq, n, half)
         pending = [p for p in peers if not self._read(p[0], p[1], key, got)]
         if pending:
             self._wait(pending, key, got)
         return [got[c] for c in cards]
 
-    def data(self, card: int, gid: int, seq: int, nbytes: int) -> np.ndarray:
-        """The first ``nbytes`` of what ``card`` published with call ``seq`` of group ``gid`` (after
-        ``exchange`` returned it): read in place, valid until this card's next call of the group."""
-        path = self.path
+    def data(self, card: int, gid: int, nbytes: int) -> np.ndarray:
+        """The first ``nbytes`` of what ``card`` published with the last exchange of group ``gid`` (after
+        it returned): read in place, valid until this card's next board call of the group."""
+        path, half = self.path, (self.calls[gid] - 1) % 2
         if card == path.fabric.rank:
-            return path.inbox.board_data[self.rows[gid], seq % 2, :nbytes]
-        return path._outbox(card).board_data[self.peer_rows[(card, gid)], seq % 2, :nbytes]
+            return path.inbox.board_data[self.rows[gid], half, :nbytes]
+        return path._outbox(card).board_data[self.peer_rows[(card, gid)], half, :nbytes]
 
     def _wait(self, pending: list[tuple], key: tuple, got: dict) -> None:
         """Until every (card, outbox) of ``pending`` has published call ``key``."""
@@ -112,7 +120,7 @@ class Board:
                                     f"cards {[c for c, _ in pending]} (group call {seq})")
 
     def _read(self, card: int, box, key: tuple, got: dict) -> bool:
-        gid, epoch, seq, n = key
+        gid, epoch, seq, n, half = key
         halves = self._halves.get((card, gid))
         if halves is None:
             board = box.board
@@ -125,7 +133,7 @@ class Board:
             halves = self._halves[(card, gid)] = (board[row, 0], board[row, 1])
         # one copy, in index order: seq (word 2) is loaded before the values it commits (x86 keeps
         # loads in order), and a half is not rewritten while a member may still read it
-        entry = halves[seq % 2][:3 + n].tolist()
+        entry = halves[half][:3 + n].tolist()
         if entry[2] != seq or entry[1] != epoch or entry[0] != gid:
             return False
         got[card] = entry[3:]

@@ -109,7 +109,7 @@ def _board_call(group: ProcessGroup, mine: np.ndarray, call: sim.Call):
     fabric.bytes_sent += (group.size - 1) * mine.nbytes  # what a one-shot call sends
     fabric.board_calls += 1
     board, nbytes = fabric.rings.board, mine.nbytes
-    return [mine if c == fabric.rank else board.data(c, group.gid, seq, nbytes).view(mine.dtype)
+    return [mine if c == fabric.rank else board.data(c, group.gid, nbytes).view(mine.dtype)
             for c in group.ranks]
 
 

@@ -118,7 +118,7 @@ def _exchanges(group: ProcessGroup, calls: int, mode: str = "values") -> None:
         assert board.exchange(group.ranks, group.gid, group.fabric.epoch, seq, want[group.rank], mine) == want
         for r in range(group.size):
             expected = _data(r, seq)
-            assert np.array_equal(board.data(r, group.gid, seq, expected.nbytes).view(np.int32), expected)
+            assert np.array_equal(board.data(r, group.gid, expected.nbytes).view(np.int32), expected)
 
 
 def _board_peer(run: str, run_dir: str, rank: int, n: int, ready, calls: int, mode: str) -> None:
@@ -155,6 +155,72 @@ def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_
             fabric.close()
             ctx.destroy(linger=0)
             for c in range(n):
+                (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
+    assert not list(SHM_DIR.glob(f"{run}_*"))
+
+
+def _board_then_skip(group: ProcessGroup, rounds: int) -> None:
+    """Board calls with a call number between each two that synchronises nothing (as a broadcast's
+    root only sends): every board call's values and data, checked."""
+    board = group.fabric.rings.board
+    for _ in range(rounds):
+        seq = group.begin()
+        want = [[r, seq, 7 * seq + r] for r in range(group.size)]
+        assert board.exchange(group.ranks, group.gid, group.fabric.epoch, seq, want[group.rank],
+                              _data(group.rank, seq)) == want
+        for r in range(group.size):
+            expected = _data(r, seq)
+            assert np.array_equal(board.data(r, group.gid, expected.nbytes).view(np.int32), expected)
+        group.begin()  # the call in between
+
+
+def _slow_reader(run: str, run_dir: str, ready, done) -> None:
+    """Card 1: publishes each board call, then looks at card 0's entry only 0.3 s later, as a card
+    the scheduler took off its core would."""
+    from interconnect.board import Board
+
+    read = Board._read
+
+    def late(self, *args):
+        time.sleep(0.3)
+        return read(self, *args)
+
+    Board._read = late
+    ctx = zmq.Context()
+    fabric = _fabric(ctx, run, 1, run_dir)
+    ready.wait(10)
+    try:
+        _board_then_skip(ProcessGroup(fabric, [0, 1]), 4)
+        done.set()
+    finally:
+        time.sleep(1)  # card 0 reads its last entry
+        fabric.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_card_ahead_by_a_call_that_does_not_wait_overwrites_nothing_a_slow_peer_reads(shm_prefix):
+    """Card 0 finishes board call k, takes call k + 1 without waiting and publishes board call k + 2
+    while card 1 has not read card 0's entry of call k yet: the two board calls use different halves."""
+    run = _run_name(shm_prefix)
+    ctx = zmq.Context()
+    with tempfile.TemporaryDirectory(prefix="rsd-ring-") as run_dir:
+        fabric = _fabric(ctx, run, 0, run_dir)
+        fabric.recv_timeout = 10
+        ready, done = SPAWN.Barrier(2), SPAWN.Event()  # both inboxes exist
+        peer = SPAWN.Process(target=_slow_reader, args=(run, run_dir, ready, done))
+        peer.start()
+        try:
+            ready.wait(30)
+            _board_then_skip(ProcessGroup(fabric, [0, 1]), 4)
+            assert done.wait(10)
+            peer.join(10)
+            assert peer.exitcode == 0
+        finally:
+            peer.kill()
+            peer.join(10)
+            fabric.close()
+            ctx.destroy(linger=0)
+            for c in (0, 1):
                 (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
     assert not list(SHM_DIR.glob(f"{run}_*"))
 
