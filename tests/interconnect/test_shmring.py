@@ -99,6 +99,17 @@ def _fabric(ctx, run: str, rank: int, run_dir: str, n: int = 2) -> Fabric:
     return fabric
 
 
+def _tear_down(run: str, fabric: Fabric, ctx, peers: list, n: int) -> None:
+    """Kill the peer processes, close card 0's fabric and remove every card's inbox."""
+    for p in peers:
+        p.kill()
+        p.join(10)
+    fabric.close()
+    ctx.destroy(linger=0)
+    for c in range(n):
+        (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
+
+
 def _data(rank: int, seq: int) -> np.ndarray:
     """What member ``rank`` publishes with call ``seq``: its length and bytes change every call."""
     return (np.arange((seq * 7 + rank * 3) % 1000 + 1, dtype=np.int64) * 31 + seq * 1000 + rank).astype(np.int32)
@@ -149,13 +160,7 @@ def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_
                 group.exchange(group.begin(), [0, 0, 0])
             assert time.monotonic() - t0 < 2.0
         finally:
-            for p in peers:
-                p.kill()
-                p.join(10)
-            fabric.close()
-            ctx.destroy(linger=0)
-            for c in range(n):
-                (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
+            _tear_down(run, fabric, ctx, peers, n)
     assert not list(SHM_DIR.glob(f"{run}_*"))
 
 
@@ -216,12 +221,7 @@ def test_a_card_ahead_by_a_call_that_does_not_wait_overwrites_nothing_a_slow_pee
             peer.join(10)
             assert peer.exitcode == 0
         finally:
-            peer.kill()
-            peer.join(10)
-            fabric.close()
-            ctx.destroy(linger=0)
-            for c in (0, 1):
-                (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
+            _tear_down(run, fabric, ctx, [peer], 2)
     assert not list(SHM_DIR.glob(f"{run}_*"))
 
 
@@ -253,12 +253,7 @@ def test_a_card_waiting_on_a_killed_peer_gets_a_clear_error_within_two_seconds(s
                 fabric.recv(1, (0, 8))
             assert time.monotonic() - t0 < 2.0
         finally:
-            peer.kill()
-            peer.join(10)
-            fabric.close()
-            ctx.destroy(linger=0)
-            for c in (0, 1):
-                (SHM_DIR / segment_name(run, c, "inbox")).unlink(missing_ok=True)
+            _tear_down(run, fabric, ctx, [peer], 2)
     assert not list(SHM_DIR.glob(f"{run}_*"))
 
 
