@@ -45,8 +45,11 @@ class Executor:
         self.program = StepProgram(self.ops, m, card.spec, shapes)
         self.kv = card.kv.tensors()
         self.calls = [(getattr(self, "op_" + op["op"]), op) for op in self.ops]  # looked up once, run every step
+        if self.dtype == torch.float32:  # F.rms_norm is HF's RMSNorm bit for bit in float32 (not below it)
+            self.calls = [(self._rmsnorm_f32 if fn == self.op_rmsnorm else fn, op) for fn, op in self.calls]
 
     # -- one step ---------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self, step: StepPlan) -> torch.Tensor | None:
         """Run the step's tasks on the card's engines (``devices.schedule``); the logits, if this card
         returns them. Each chunk of the step's rows keeps its own buffers; the tail runs on all rows."""
@@ -96,6 +99,10 @@ class Executor:
         xf = x.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         env[op["out"]] = self.w[op["w"]] * xf.to(x.dtype)
+
+    def _rmsnorm_f32(self, op, env):
+        x = env[op["in"]]
+        env[op["out"]] = F.rms_norm(x, (x.shape[-1],), self.w[op["w"]], self.eps)
 
     def op_linear(self, op, env):
         env[op["out"]] = F.linear(env[op["in"]], self.w[op["w"]], self.w[op["b"]] if op.get("b") else None)
@@ -210,9 +217,10 @@ class _Context:
         positions = torch.from_numpy(plan.positions)
         self.env = {"tokens": torch.from_numpy(plan.token_ids.astype(np.int64)), "positions": positions}
         self.rows = torch.tensor(plan.logit_rows, dtype=torch.int64)
-        self.cos, self.sin = rope.cos_sin(positions, ex.freq, ex.dtype)
+        self.cos, self.sin = rope.tables(positions, ex.freq, ex.dtype)
         self.decode = ex._decode_plan(plan, ex.kv[0].shape[2])
 
     def enter(self, ex: Executor) -> None:
         ex.shape, ex.seqs, ex.T, ex.rows = self.plan, self.plan.seqs, self.plan.num_tokens, self.rows
         ex.cos, ex.sin, ex.decode = self.cos, self.sin, self.decode
+
