@@ -9,14 +9,6 @@ Small collectives of real cards go the same way with their data: each card
 publishes its buffer beside its entry state, reads its peers' buffers in place
 and reduces them itself (``interconnect.collectives``, "on the board").
 
-Only the last card to publish rings the doorbells. A card publishes, fences
-(its entry is visible before it reads), then reads every peer's entry; if one
-is missing, it sleeps, and the peer that publishes last finds every entry and
-wakes the group. Of two cards that publish at once, at least one sees the
-other (each fenced between its store and its loads), so the group is woken.
-Ringing on every publication instead woke cards that still had to wait: with
-more cards than cores, each such wake costs a trip through the scheduler.
-
 An entry is ``[gid, epoch, seq, v0, v1, ...]`` in the group's row of the card's
 board; ``seq`` is written last and commits it. The group's board calls alternate
 between the row's two halves. A card can be at most one board call ahead of any
@@ -34,7 +26,7 @@ import time
 
 import numpy as np
 
-from interconnect.shmring import BOARD_GROUPS, BOARD_WORDS, FIRST_SLICE_S, SLICE_S, full_fence, pid_alive
+from interconnect.shmring import BOARD_GROUPS, BOARD_WORDS, FIRST_SLICE_S, SLICE_S, pid_alive
 
 MAX_VALUES = BOARD_WORDS - 3
 
@@ -82,15 +74,13 @@ class Board:
             me = path.fabric.rank
             known = self._peers[gid] = (list(cards), [(c, path._outbox(c)) for c in cards if c != me])
         peers = known[1]
-        full_fence()  # the entry is visible before the peers' entries are read (see the module doc)
+        for _, box in peers:
+            box.wake()
         got = {path.fabric.rank: list(values)}
         key = (gid, epoch, seq, n, half)
         pending = [p for p in peers if not self._read(p[0], p[1], key, got)]
         if pending:
             self._wait(pending, key, got)
-        else:  # the last to publish: the others may sleep until now
-            for _, box in peers:
-                box.wake()
         return [got[c] for c in cards]
 
     def data(self, card: int, gid: int, nbytes: int) -> np.ndarray:

@@ -87,20 +87,6 @@ def futex_ring(addr: int) -> None:
              ctypes.c_int(1), ctypes.c_void_p(0), ctypes.c_void_p(addr), ctypes.c_int(_WAKE_ADD_ONE))
 
 
-# A private spin lock: taking it is a locked read-modify-write, a full barrier on x86 (later loads
-# wait for earlier stores), for about 0.3 us and no system call.
-_fence_lock = ctypes.c_int(0)
-_libc.pthread_spin_init(ctypes.byref(_fence_lock), 0)
-_fence_ref = ctypes.byref(_fence_lock)
-_spin_trylock, _spin_unlock = _libc.pthread_spin_trylock, _libc.pthread_spin_unlock
-
-
-def full_fence() -> None:
-    """Order this process's earlier stores before its later loads (what x86 alone does not)."""
-    _spin_trylock(_fence_ref)
-    _spin_unlock(_fence_ref)
-
-
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
     if pid <= 0:

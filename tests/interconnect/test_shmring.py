@@ -164,45 +164,6 @@ def test_entry_states_are_exchanged_in_place_and_a_killed_member_is_noticed(shm_
     assert not list(SHM_DIR.glob(f"{run}_*"))
 
 
-def _late_publisher(run: str, run_dir: str, rank: int, n: int, ready, calls: int) -> None:
-    """Card ``rank``: each exchange published 0.1 s x rank after the last one ended."""
-    ctx = zmq.Context()
-    fabric = _fabric(ctx, run, rank, run_dir, n)
-    ready.wait(10)
-    group = ProcessGroup(fabric, list(range(n)))
-    for _ in range(calls):
-        time.sleep(0.1 * rank)
-        seq = group.begin()
-        group.exchange(seq, [rank, seq])
-    time.sleep(60)
-
-
-def test_only_the_last_card_to_publish_rings_the_group(shm_prefix):
-    """Card 0 publishes first and card 2 last: card 0's doorbell rings once per exchange, from card 2
-    (card 1, which finds card 2's entry missing, wakes nobody), and every exchange gives every entry."""
-    run, n, calls = _run_name(shm_prefix), 3, 3
-    ctx = zmq.Context()
-    with tempfile.TemporaryDirectory(prefix="rsd-ring-") as run_dir:
-        fabric = _fabric(ctx, run, 0, run_dir, n)
-        ready = SPAWN.Barrier(n)
-        peers = [SPAWN.Process(target=_late_publisher, args=(run, run_dir, r, n, ready, calls)) for r in (1, 2)]
-        for p in peers:
-            p.start()
-        try:
-            group, inbox = ProcessGroup(fabric, list(range(n))), fabric.rings.inbox
-            ready.wait(30)
-            rings = []
-            for _ in range(calls):
-                before = inbox.doorbell()
-                seq = group.begin()
-                assert group.exchange(seq, [0, seq]) == [[r, seq] for r in range(n)]
-                rings.append(inbox.doorbell() - before)
-            assert rings == [1] * calls
-        finally:
-            _tear_down(run, fabric, ctx, peers, n)
-    assert not list(SHM_DIR.glob(f"{run}_*"))
-
-
 def _board_then_skip(group: ProcessGroup, rounds: int) -> None:
     """Board calls with a call number between each two that synchronises nothing (as a broadcast's
     root only sends): every board call's values and data, checked."""
