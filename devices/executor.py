@@ -223,4 +223,3 @@ class _Context:
     def enter(self, ex: Executor) -> None:
         ex.shape, ex.seqs, ex.T, ex.rows = self.plan, self.plan.seqs, self.plan.num_tokens, self.rows
         ex.cos, ex.sin, ex.decode = self.cos, self.sin, self.decode
-
