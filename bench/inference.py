@@ -24,13 +24,16 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import TYPE_CHECKING
 
 from bench.common import entry, write_json
 from devices.memory import OutOfDeviceMemory
 from devices.spec import get_spec
 from interconnect.topology import topology_names
 from rsd_runtime.cli import DefaultsFormatter, add_compiler_args
-from rsd_runtime.perf import BatchTiming, PerfRunner, batch_timing, placement_of
+
+if TYPE_CHECKING:  # rsd_runtime.perf, and torch with it, loads once the flags are checked
+    from rsd_runtime.perf import BatchTiming, PerfRunner
 
 
 def parse_args(argv=None):
@@ -79,6 +82,8 @@ def parse_args(argv=None):
     if any(b < 1 for b in args.batch_size):
         p.error("--batch-size values must be >= 1")
     if args.placement is not None:
+        from rsd_runtime.perf import placement_of
+
         try:
             args.placement = [[int(c) for c in part.split()] for part in args.placement.split("|")]
             placement_of(args.tp, args.instances, args.placement)
@@ -89,6 +94,8 @@ def parse_args(argv=None):
 
 def runner(args, tp: int, instances: int) -> PerfRunner:
     """``instances`` of ``tp`` cards: on the first groups of --placement at its tp, else consecutive cards."""
+    from rsd_runtime.perf import PerfRunner
+
     kw = {"shm_prefix": args.shm_prefix} if args.backend == "cards" else {}
     placement = args.placement[:instances] if args.placement and tp == args.tp else None
     return PerfRunner(args.model, tp=tp, instances=instances, device=args.device, dtype=args.dtype,
@@ -129,6 +136,8 @@ def batches(args, r: PerfRunner) -> tuple[list[int], int]:
 
 
 def timing(args, r: PerfRunner, b: int) -> BatchTiming:
+    from rsd_runtime.perf import batch_timing
+
     return batch_timing(r, b, args.input_len, args.output_len, chunk=args.chunk, decode_samples=args.decode_samples)
 
 

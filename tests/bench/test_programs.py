@@ -69,3 +69,15 @@ def test_bad_input_is_one_line_and_exit_2(program, args, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"python -m {program}: error: {message}"), line
+
+
+def test_no_benchmark_loads_torch_before_its_flags_are_checked():
+    """A bad flag is named in a fraction of a second: no benchmark program imports torch at import time."""
+    programs = ["collectives", "decode", "inference", "launch", "rack", "serve", "soak", "topology", "coe",
+                "coe_replay"]
+    code = ("import importlib, sys\n"
+            f"for m in {programs!r}:\n"
+            "    importlib.import_module('bench.' + m)\n"
+            "    assert 'torch' not in sys.modules, m\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
