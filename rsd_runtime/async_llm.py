@@ -168,8 +168,9 @@ class AsyncLLM:
         alive = self._thread.is_alive() and not self._stop.is_set()
         engine_dead = engine.dead
         ok = alive and engine_dead is None and not dead
-        return {"ok": ok, "engine_thread": alive, "engine_error": None if engine_dead is None
-                else str(engine_dead).splitlines()[0], "dead_cards": dead,
+        why = engine_dead if engine_dead is not None else self.error  # a failed step, or the thread's end
+        return {"ok": ok, "engine_thread": alive, "engine_error": None if why is None
+                else str(why).splitlines()[0], "dead_cards": dead,
                 "cards_restarted": engine.stats.cards_restarted, "recoveries": engine.stats.recoveries,
                 "malformed": cluster.malformed() if cluster is not None else {},
                 "cards": [{"card": c, "pid": procs[c].pid if c in procs else None,

@@ -10,7 +10,8 @@ top-k), and a token is drawn from what remains. Where we differ:
 * Only temperature == 0 is greedy. vLLM also treats temperatures below 1e-5
   as greedy; here a tiny positive temperature is honoured (the logits are
   shifted by their maximum before dividing, so nothing overflows) and gives
-  argmax in practice.
+  argmax in practice. One below float32's smallest (about 1.4e-45), which
+  would divide by zero, gives argmax: the limit of every smaller temperature.
 * The draw is ``torch.multinomial`` with the sequence's own generator. vLLM
   draws by an exponential race (argmax of probs / Exp(1) noise). Both give the
   same distribution, but a seed does not reproduce vLLM's tokens.
@@ -82,6 +83,11 @@ class Sampler:
 
         vocab = logits.shape[-1]
         temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32).unsqueeze(1)
+        if not (temps > 0).all():  # rounded to 0 in float32: argmax, as for any smaller temperature
+            rows = [i for i, t in zip(rows, temps[:, 0].tolist()) if t > 0]
+            if not rows:
+                return tokens
+            temps = temps[temps > 0].unsqueeze(1)
         x = (logits[rows] - row_max[rows]) / temps  # (num_random, vocab)
         top_k = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows]
         top_p = [params[i].top_p for i in rows]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 # torch.Generator.manual_seed accepts this range.
-_MIN_SEED, _MAX_SEED = -(1 << 63), (1 << 64) - 1
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 64) - 1
 
 
 def _is_int(x) -> bool:
@@ -40,7 +40,7 @@ class SamplingParams:
                 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         self.top_p = float(self.top_p)
-        if self.seed is not None and (not _is_int(self.seed) or not _MIN_SEED <= self.seed <= _MAX_SEED):
+        if self.seed is not None and (not _is_int(self.seed) or not MIN_SEED <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}")
         if isinstance(self.stop, str):  # as the OpenAI API allows
             self.stop = [self.stop]

@@ -15,6 +15,7 @@ import uuid
 
 from rsd_runtime.async_llm import EngineError, EngineStopped, Overloaded
 from rsd_runtime.sampling import SamplingParams
+from rsd_runtime.sampling_params import MAX_SEED, MIN_SEED
 from rsd_runtime.server.protocol import APIError, ChatRequest, CompletionRequest
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort", "error": "error"}
@@ -63,9 +64,13 @@ class Generation:
             raise APIError(400, f"prompt: the prompt has {len(prompt)} tokens; this model's context is "
                                 f"{server.max_len} tokens and at least one must be left to generate", "prompt")
         if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"max_tokens: the prompt has {len(prompt)} tokens and this model's context "
+            name = "max_completion_tokens" if self.chat and b.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{name}: the prompt has {len(prompt)} tokens and this model's context "
                                 f"{server.max_len}, so at most {room} tokens can be generated; asked for "
-                                f"{max_tokens}", "max_tokens")
+                                f"{max_tokens}", name)
+        if b.seed is not None and choice and not MIN_SEED <= b.seed + choice <= MAX_SEED:
+            raise APIError(400, f"seed: choice {choice} samples with seed + {choice}, which must stay in "
+                                f"[-2**63, 2**64); got seed {b.seed} with n={b.n}", "seed")
         if max_tokens is None:
             max_tokens = room if self.chat else min(16, room)  # OpenAI's completions default: 16
         try:
@@ -77,13 +82,20 @@ class Generation:
             raise APIError(400, str(exc), field) from None
 
     def start(self) -> None:
-        """Queue every choice now; on any refusal, nothing stays queued."""
+        """Queue every choice now. Every choice is checked before any is queued, so a refused request
+        leaves nothing behind (not even an abort in the metrics); on a later refusal (the waiting
+        queue fills up half-way), what was queued is closed."""
         llm = self.server.llm
+        which = {} if self.model is None else {"model": self.model}
         try:
-            for p, prompt in enumerate(self.prompts):
+            work = []
+            for prompt in self.prompts:
                 for i in range(self.body.n):
                     params = self.params(prompt, i)
-                    self.streams.append(llm.add_request(prompt, params, arrival_time=self.arrival, model=self.model))
+                    llm.engine.validate(prompt, params, **which)
+                    work.append((prompt, params))
+            for prompt, params in work:
+                self.streams.append(llm.add_request(prompt, params, arrival_time=self.arrival, model=self.model))
         except BaseException as exc:
             self.close()
             if isinstance(exc, Overloaded):

@@ -52,12 +52,23 @@ def test_greedy_takes_lowest_index_on_ties(sampler):
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.5, top_k=1),
                                     SamplingParams(temperature=1.5, top_p=1e-6),
-                                    SamplingParams(temperature=1e-30)],
-                         ids=["top_k=1", "tiny top_p", "tiny temperature"])
+                                    SamplingParams(temperature=1e-30),
+                                    SamplingParams(temperature=1e-46)],  # 0 in float32: no division by it
+                         ids=["top_k=1", "tiny top_p", "tiny temperature", "temperature under float32's least"])
 def test_degenerate_filters_are_greedy(sampler, params):
     logits = random_logits(16, seed=1)
     gens = [make_generator(i) for i in range(16)]
     assert sampler.sample(logits, [params] * 16, gens) == logits.argmax(dim=-1).tolist()
+
+
+def test_a_temperature_under_float32s_least_is_argmax_beside_other_rows(sampler):
+    logits = random_logits(4, seed=3)
+    params = [SamplingParams(temperature=1e-46), SamplingParams(temperature=1.0, seed=1),
+              SamplingParams(temperature=5e-46), SamplingParams(temperature=0.7, seed=2)]
+    gens = [make_generator(p.seed) for p in params]
+    alone = [sampler.sample(logits[i:i + 1], [p], [make_generator(p.seed)])[0] for i, p in enumerate(params)]
+    got = sampler.sample(logits, params, gens)
+    assert got == alone and got[0] == logits[0].argmax() and got[2] == logits[2].argmax()
 
 
 def test_seeded_rows_do_not_depend_on_the_batch(sampler):

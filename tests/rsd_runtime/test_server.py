@@ -223,6 +223,9 @@ BAD = [  # (what, body (bytes: sent raw), status, param)
     ("chat: content a number", {"messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content"),
     ("chat: top_logprobs without logprobs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "top_logprobs"),
+    ("chat: max_completion_tokens past context", {"messages": [{"role": "user", "content": "x"}],
+                                                  "max_completion_tokens": 5000}, 400, "max_completion_tokens"),
+    ("seed + n past the seed range", {"prompt": "Hi", "seed": 2 ** 64 - 1, "n": 2}, 400, "seed"),
 ]
 
 
@@ -236,6 +239,59 @@ def test_malformed_requests_get_4xx_naming_the_field(server, what, body, status,
     err = r.json()["error"]
     assert err["message"] and err["type"] and err["code"] == status
     assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/v1/completions", 405), ("POST", "/health", 405),
+                                                ("GET", "/v1/nosuch", 404), ("GET", "/v1/models/gpt-17", 404)])
+def test_wrong_routes_and_methods_get_openai_error_bodies(server, method, path, status):
+    r = httpx.request(method, server.base_url + path, timeout=10)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == status and err["message"] and err["type"]
+
+
+def test_a_seed_past_its_range_for_a_later_choice_names_the_seed_sent(server):
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "Hi", "seed": 2 ** 64 - 1, "n": 2},
+                   timeout=10)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "seed"
+    assert str(2 ** 64 - 1) in err["message"] and str(2 ** 64) not in err["message"].replace(str(2 ** 64 - 1), "")
+
+
+def test_a_model_is_retrieved_by_name(client):
+    m = client.models.retrieve("tiny-llama")
+    assert m.id == "tiny-llama" and m.model_extra["max_model_len"] > 0
+
+
+def test_a_refused_request_queues_nothing(server):
+    """Three good prompts and one too long, two choices each: 400, and no choice was queued and then
+    aborted on the way (the abort counter stays)."""
+    before = metric(server, "rsd:request_aborted_total")
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": [[5, 6], [7], [8, 9], [5] * 1100], "n": 2},
+                   timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert metric(server, "rsd:request_aborted_total") == before
+    assert metric(server, "rsd:num_requests_waiting") == 0 and metric(server, "rsd:num_requests_running") == 0
+
+
+def test_a_temperature_too_small_for_float32_samples_argmax_and_the_engine_lives_on(server, client, offline):
+    r = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=12, temperature=1e-46,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == offline[PROMPTS[0]][0]  # greedy: the limit of a vanishing temperature
+    status, body = server.health()
+    assert status == 200 and body["engine_error"] is None
+
+
+def test_a_client_gone_before_its_body_is_not_an_error_in_the_log(server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 500\r\n\r\n{\"prompt\": ")
+    assert wait_until(lambda: server.health()[0] == 200, 5)
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=10)
+    assert r.status_code == 200
+    assert "ClientDisconnect" not in server.log_tail() and "Exception in ASGI application" not in server.log_tail()
 
 
 def test_server_answers_after_bad_requests(server, client):
