@@ -36,7 +36,6 @@ class Executor:
         self.eps = m["rms_norm_eps"]
         self.window = m.get("sliding_window")
         self.freq = rope.inv_freq(self.hd, m["rope_theta"], m.get("rope_scaling"))
-        self.rope = rope.TableCache(self.freq, self.dtype)
         self.w: dict[str, torch.Tensor] = {}
         names = card.arena.names_under(m.get("weight_prefix", ""))  # one expert's weights when many are resident
         for name, stored in names.items():
@@ -215,11 +214,10 @@ class _Context:
 
     def __init__(self, plan: StepPlan, ex: Executor):
         self.plan = plan
-        at = plan.positions
-        positions = torch.from_numpy(at)
+        positions = torch.from_numpy(plan.positions)
         self.env = {"tokens": torch.from_numpy(plan.token_ids.astype(np.int64)), "positions": positions}
         self.rows = torch.tensor(plan.logit_rows, dtype=torch.int64)
-        self.cos, self.sin = ex.rope(positions, int(at.max()) if at.size else -1)
+        self.cos, self.sin = rope.tables(positions, ex.freq, ex.dtype)
         self.decode = ex._decode_plan(plan, ex.kv[0].shape[2])
 
     def enter(self, ex: Executor) -> None:

@@ -42,28 +42,6 @@ def tables(positions: torch.Tensor, freq: torch.Tensor, dtype: torch.dtype) -> t
     return cos[:, None, :], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
 
 
-class TableCache:
-    """``tables`` for every position below a bound, computed once and indexed per step (two torch
-    calls instead of about twelve). Each element is computed as ``tables`` computes it on its own,
-    so the bits are the same (tested); positions past ``MAX_POSITIONS`` are computed per step."""
-
-    MAX_POSITIONS = 16384  # 16 MiB of float32 tables at head_dim 128: grown by doubling, up to this
-
-    def __init__(self, freq: torch.Tensor, dtype: torch.dtype):
-        self.freq, self.dtype = freq, dtype
-        self.size = 0
-        self.cos = self.sin = None
-
-    def __call__(self, positions: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables of ``positions``, the largest of which is ``top`` (-1: none)."""
-        if top < 0 or top >= self.MAX_POSITIONS:
-            return tables(positions, self.freq, self.dtype)
-        if top >= self.size:
-            self.size = min(self.MAX_POSITIONS, max(2 * self.size, 256, top + 1))
-            self.cos, self.sin = tables(torch.arange(self.size), self.freq, self.dtype)
-        return self.cos[positions], self.sin[positions]
-
-
 def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (T, heads, head_dim); cos, sin from ``tables``."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin

@@ -34,22 +34,3 @@ def test_float32_rms_norm_is_hf_llama_rmsnorm_bit_for_bit(shape):
     with torch.no_grad():
         norm.weight.copy_(torch.randn(shape[-1]))
         assert torch.equal(F.rms_norm(x, (shape[-1],), norm.weight, 1e-5), norm(x))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rope_tables_cached_by_position_are_the_bits_computed_per_step(dtype, monkeypatch):
-    """The cache grows by doubling as positions rise and computes past its bound: every step's
-    tables are the ones computed for that step's positions alone."""
-    monkeypatch.setattr(rope.TableCache, "MAX_POSITIONS", 3000)
-    freq = rope.inv_freq(64, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    cache = rope.TableCache(freq, dtype)
-    gen = torch.Generator().manual_seed(7)
-    sizes = []
-    for top in [5, 40, 300, 301, 1000, 2999, 3000, 9000, 17]:
-        positions = torch.cat([torch.randint(0, top + 1, (6,), generator=gen), torch.tensor([top])])
-        got = cache(positions, top)
-        want = rope.tables(positions, freq, dtype)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), top
-        sizes.append(cache.size)
-    assert sizes == [256, 256, 512, 512, 1024, 3000, 3000, 3000, 3000]  # doubled, then held at the bound
